@@ -1,0 +1,384 @@
+"""A local stand-in for Anthropic's ``POST /v1/messages/count_tokens``, for tests without network.
+
+The real ``anthropic`` SDK is pointed at it (``AsyncAnthropic(base_url=server.base_url)``), so
+the SDK's own request building, retry loop, ``retry-after`` handling, timeouts and error
+classes are exercised for real; only the tokenizer is fake. Faults are scripted per request
+(FIFO); with an empty script every request gets a normal answer.
+
+Counting is deterministic arithmetic rather than a real vocabulary, so tests need no vocab
+files, but it has Claude's shape: a fixed framing cost per request, per message and for the
+system prompt, on top of the text's pieces. A text's cost is therefore only recoverable by
+subtracting a measured baseline, which is what the client under test must do.
+
+>>> pieces("Hello, world!")
+4
+>>> expected_tokens(None, [{"role": "user", "content": "Hello, world!"}])
+11
+>>> turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+>>> expected_tokens("Be brief.", turns)
+18
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+PATH = "/v1/messages/count_tokens"
+
+REQUEST_OVERHEAD = 3
+MESSAGE_OVERHEAD = 4
+SYSTEM_OVERHEAD = 2
+
+# Top-level fields the SDK may send to count_tokens; anything else is rejected like the API does.
+KNOWN_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "cache_control",
+        "output_config",
+        "speed",
+        "mcp_servers",
+        "context_management",
+    }
+)
+
+DEFAULT_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "api_error",
+    504: "api_error",
+    529: "overloaded_error",
+}
+
+_PIECE = re.compile(r"\w+|[^\w\s]")
+
+
+def pieces(text: str) -> int:
+    """Number of word / punctuation pieces: the fake tokenizer's token count for a text."""
+    return len(_PIECE.findall(text))
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(block["text"] for block in content)
+
+
+def expected_tokens(system: Any, messages: list[dict[str, Any]]) -> int:
+    """What the server answers for a valid request (system: None, a string or text blocks)."""
+    n = REQUEST_OVERHEAD
+    if system is not None:
+        n += SYSTEM_OVERHEAD + pieces(_text_of(system))
+    for m in messages:
+        n += MESSAGE_OVERHEAD + pieces(_text_of(m["content"]))
+    return n
+
+
+class ApiError(Exception):
+    """An error answer, in Anthropic's shape."""
+
+    def __init__(self, status: int, message: str, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type or DEFAULT_ERROR_TYPES.get(status, "api_error")
+
+
+def _check_text(where: str, text: Any) -> None:
+    if not isinstance(text, str):
+        raise ApiError(400, f"{where}: Input should be a valid string")
+    if not text:
+        raise ApiError(400, f"{where}: text content blocks must be non-empty")
+    if not text.strip():
+        raise ApiError(400, f"{where}: text content blocks must contain non-whitespace text")
+
+
+def _check_content(where: str, content: Any) -> None:
+    if isinstance(content, str):
+        _check_text(where, content)
+        return
+    if not isinstance(content, list) or not content:
+        raise ApiError(400, f"{where}: Input should be a non-empty string or list of blocks")
+    for i, block in enumerate(content):
+        if not isinstance(block, dict) or block.get("type") != "text":
+            raise ApiError(400, f"{where}.{i}.type: only 'text' blocks are supported here")
+        _check_text(f"{where}.{i}.text", block.get("text"))
+
+
+def validate(body: Any) -> None:
+    """Raise ApiError the way the API would for a malformed count_tokens body."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "body: Input should be a valid dictionary")
+    for key in body:
+        if key not in KNOWN_FIELDS:
+            raise ApiError(400, f"{key}: Extra inputs are not permitted")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model: Field required")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise ApiError(400, "messages: Field required")
+    if not messages:
+        raise ApiError(400, "messages: at least one message is required")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages.{i}: Input should be a valid dictionary")
+        if m.get("role") not in ("user", "assistant"):
+            raise ApiError(400, f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        _check_content(f"messages.{i}.content", m.get("content"))
+    if "system" in body:
+        _check_content("system", body["system"])
+    if model.startswith("claude-nope"):
+        raise ApiError(404, f"model: {model}", "not_found_error")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scripted answer; build with the class methods."""
+
+    kind: str
+    code: int = 0  # HTTP status of a "status" fault
+    error_type: str | None = None
+    message: str | None = None
+    retry_after: float | None = None
+    retry_after_ms: float | None = None
+    should_retry: bool | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def status(
+        cls,
+        status: int,
+        *,
+        error_type: str | None = None,
+        message: str | None = None,
+        retry_after: float | None = None,
+        retry_after_ms: float | None = None,
+        should_retry: bool | None = None,
+    ) -> Fault:
+        """An error answer; ``retry_after`` / ``retry_after_ms`` set those headers."""
+        return cls("status", status, error_type, message, retry_after, retry_after_ms, should_retry)
+
+    @classmethod
+    def delay(cls, seconds: float) -> Fault:
+        """Sleep, then answer normally: longer than the client timeout means a timeout."""
+        return cls("delay", seconds=seconds)
+
+    @classmethod
+    def disconnect(cls) -> Fault:
+        """Close the connection without answering: a connection error for the client."""
+        return cls("disconnect")
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-cased names
+    body: Any  # parsed JSON, or None when the body was not JSON
+    fault: Fault | None = field(default=None)
+
+
+class AnthropicServer:
+    """``with AnthropicServer() as srv:`` serves on 127.0.0.1:<random port> until exit."""
+
+    def __init__(self, *, latency: float = 0.0) -> None:
+        self.latency = latency
+        """Seconds every normal answer waits first, so concurrent requests overlap."""
+        self._lock = threading.Lock()
+        self._script: collections.deque[Fault] = collections.deque()
+        self._requests: list[RecordedRequest] = []
+        self._ids = itertools.count(1)
+        self._in_flight = 0
+        self.max_in_flight = 0
+        self._closing = threading.Event()
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd.owner = self
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Snapshot of every request received so far, faulted ones included."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def pending(self) -> int:
+        """Scripted faults not yet consumed."""
+        with self._lock:
+            return len(self._script)
+
+    def script(self, *faults: Fault) -> None:
+        """Queue answers for the next requests, in order."""
+        with self._lock:
+            self._script.extend(faults)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._script.clear()
+            self._requests.clear()
+            self.max_in_flight = 0
+
+    def start(self) -> AnthropicServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closing.set()  # wakes delayed handlers
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> AnthropicServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- called from handler threads --------------------------------------------------------
+
+    def _receive(self, record: RecordedRequest) -> tuple[Fault | None, str]:
+        with self._lock:
+            fault = self._script.popleft() if self._script else None
+            self._requests.append(
+                RecordedRequest(record.method, record.path, record.headers, record.body, fault)
+            )
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            return fault, f"req_test_{next(self._ids):06d}"
+
+    def _done(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self._closing.wait(seconds)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # a client's idle keep-alive connection must not hold up close()
+    owner: AnthropicServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that time out hang up mid-answer; that is the point of the test
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
+    timeout = 10  # idle keep-alive connections end on their own
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        owner = self.server.owner
+        raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        fault, request_id = owner._receive(RecordedRequest(self.command, self.path, headers, body))
+        try:
+            self._answer(owner, fault, request_id, headers, raw, body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            owner._done()
+
+    def _answer(
+        self,
+        owner: AnthropicServer,
+        fault: Fault | None,
+        request_id: str,
+        headers: dict[str, str],
+        raw: bytes,
+        body: Any,
+    ) -> None:
+        if fault is not None and fault.kind == "disconnect":
+            self.close_connection = True
+            return
+        if fault is not None and fault.kind == "status":
+            extra: dict[str, str] = {}
+            if fault.retry_after is not None:
+                extra["retry-after"] = f"{fault.retry_after:g}"
+            if fault.retry_after_ms is not None:
+                extra["retry-after-ms"] = f"{fault.retry_after_ms:g}"
+            if fault.should_retry is not None:
+                extra["x-should-retry"] = "true" if fault.should_retry else "false"
+            err = ApiError(fault.code, fault.message or "scripted fault", fault.error_type)
+            self._send_error(err, request_id, extra)
+            return
+        owner._sleep(fault.seconds if fault is not None else owner.latency)
+        try:
+            if self.command != "POST" or self.path != PATH:
+                raise ApiError(404, f"Not found: {self.command} {self.path}", "not_found_error")
+            if not headers.get("x-api-key") and not headers.get("authorization", "").startswith(
+                "Bearer "
+            ):
+                raise ApiError(401, "x-api-key header is required")
+            if not headers.get("anthropic-version"):
+                raise ApiError(400, "anthropic-version: header is required")
+            if body is None:
+                raise ApiError(
+                    400,
+                    "There was an error parsing the body: expected JSON"
+                    if raw
+                    else "body: Field required",
+                )
+            validate(body)
+            tokens = expected_tokens(body.get("system"), body["messages"])
+        except ApiError as err:
+            self._send_error(err, request_id, {})
+            return
+        self._send(200, {"input_tokens": tokens}, request_id, {})
+
+    def _send_error(self, err: ApiError, request_id: str, extra: dict[str, str]) -> None:
+        payload = {"type": "error", "error": {"type": err.error_type, "message": err.message}}
+        self._send(err.status, payload, request_id, extra)
+
+    def _send(self, status: int, payload: Any, request_id: str, extra: dict[str, str]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.send_header("request-id", request_id)
+        for name, value in extra.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)

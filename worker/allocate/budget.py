@@ -1,0 +1,96 @@
+"""Value types of the allocation: what is asked (counted items, policy) and what is granted.
+
+Pure data: no Kafka, OpenTelemetry, asyncio or I/O here or in `policy.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+SlotName = Literal["history", "context"]
+
+
+class DropReason(StrEnum):
+    """Why an item is not in the fitted context; every drop is reported, none is silent."""
+
+    HISTORY_BUDGET = "history_budget"
+    """The exchange (or a newer one) did not fit; history is kept as a contiguous newest part."""
+    CONTEXT_BUDGET = "context_budget"
+    """The chunk did not fit in what was left after better-ranked chunks."""
+    DUPLICATE = "duplicate"
+    """Same text as a better-ranked chunk: sent once."""
+    EMPTY = "empty"
+    """Nothing but whitespace: it would cost framing tokens for no content."""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How a budget is split; built from a profile and the request's overrides."""
+
+    history_cap: int
+    """Most tokens history may take before reflow."""
+    context_cap: int
+    """Most tokens retrieved context may take before reflow."""
+    priority: tuple[SlotName, ...] = ("context", "history")
+    """Which slot fills first, and first to receive reflowed budget."""
+    reflow: bool = True
+    """Budget a slot leaves unused flows to the other slot."""
+    truncate: bool = False
+    """Cut the best chunk that did not fit at a token boundary to fill what is left."""
+    min_truncate_tokens: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Wants:
+    """Counted items, in tokens, ready to allocate."""
+
+    budget: int
+    """Input tokens available: context window minus output reserve (and any input cap)."""
+    fixed: int
+    """System prompt, query and the framing that is paid whatever else is kept."""
+    history: tuple[int, ...]
+    """Cost of each exchange (a user turn with its replies and tool results), oldest first."""
+    chunks: tuple[int | None, ...]
+    """Cost of each chunk in relevance order; None for one excluded before allocation
+    (a duplicate or an empty chunk), which the caller reports."""
+    context_overhead: int = 0
+    """Paid once when at least one chunk is kept (the context header, the query's label)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    slot: SlotName
+    index: int
+    tokens: int
+    reason: DropReason
+
+
+@dataclass(frozen=True, slots=True)
+class Truncation:
+    index: int
+    """The chunk to cut."""
+    tokens: int
+    """Most tokens its rendered unit may take after the cut."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The allocation: which items are kept, and why the others are not."""
+
+    budget: int
+    fixed: int
+    history_kept: int
+    """How many of the newest exchanges are kept."""
+    chunks_kept: tuple[int, ...]
+    """Indices of kept chunks, in relevance order."""
+    history_tokens: int
+    context_tokens: int
+    """Including the context overhead when any chunk is kept."""
+    dropped: tuple[Drop, ...]
+    truncation: Truncation | None = None
+
+    @property
+    def total(self) -> int:
+        return self.fixed + self.history_tokens + self.context_tokens

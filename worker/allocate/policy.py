@@ -1,0 +1,117 @@
+"""allocate(wants, policy) -> Plan: the budget decision, a pure function of counted items."""
+
+from __future__ import annotations
+
+from worker.allocate.budget import (
+    Drop,
+    DropReason,
+    Plan,
+    Policy,
+    SlotName,
+    Truncation,
+    Wants,
+)
+from worker.errors import OverBudget
+
+
+def allocate(wants: Wants, policy: Policy) -> Plan:
+    """Grant the fixed part, then fill slots in priority order up to their caps, then reflow.
+
+    History is kept as the contiguous newest part, whole exchanges at a time. Chunks go in
+    relevance order; one that does not fit is skipped and later, smaller ones still get
+    their chance, so a full budget ends close to its limit.
+
+    >>> plan = allocate(Wants(budget=100, fixed=20, history=(30, 30, 30), chunks=(50, 10)),
+    ...                 Policy(history_cap=30, context_cap=55))
+    >>> plan.history_kept, plan.chunks_kept, plan.total
+    (1, (0, 1), 100)
+    """
+    if wants.fixed > wants.budget:
+        raise OverBudget(
+            f"the system prompt, query and framing need {wants.fixed} tokens but the input "
+            f"budget is {wants.budget}: shorten them, lower output_reserve or pick a larger model"
+        )
+    free = wants.budget - wants.fixed
+    hist_kept, hist_used = 0, 0
+    ctx_kept: list[int] = []
+    ctx_used = 0
+    caps: dict[SlotName, int] = {"history": policy.history_cap, "context": policy.context_cap}
+
+    def fill_history(limit: int) -> None:
+        nonlocal hist_kept, hist_used
+        newest_first = wants.history[::-1]
+        while hist_kept < len(newest_first) and hist_used + newest_first[hist_kept] <= limit:
+            hist_used += newest_first[hist_kept]
+            hist_kept += 1
+
+    def fill_context(limit: int) -> None:
+        nonlocal ctx_used
+        kept = set(ctx_kept)
+        for i, cost in enumerate(wants.chunks):
+            if cost is None or i in kept:
+                continue
+            extra = cost if ctx_kept else cost + wants.context_overhead
+            if ctx_used + extra <= limit:
+                ctx_kept.append(i)
+                kept.add(i)
+                ctx_used += extra
+
+    fill = {"history": fill_history, "context": fill_context}
+
+    def used(slot: SlotName) -> int:
+        return hist_used if slot == "history" else ctx_used
+
+    for slot in policy.priority:
+        before = used(slot)
+        fill[slot](min(caps[slot], before + free))
+        free -= used(slot) - before
+    if policy.reflow:
+        for slot in policy.priority:
+            before = used(slot)
+            fill[slot](before + free)
+            free -= used(slot) - before
+
+    truncation = _truncation(wants, policy, ctx_kept, ctx_used, free)
+    if truncation is not None:
+        ctx_kept.append(truncation.index)
+        ctx_used += truncation.tokens + (0 if len(ctx_kept) > 1 else wants.context_overhead)
+
+    ctx_kept.sort()
+    return Plan(
+        budget=wants.budget,
+        fixed=wants.fixed,
+        history_kept=hist_kept,
+        chunks_kept=tuple(ctx_kept),
+        history_tokens=hist_used,
+        context_tokens=ctx_used,
+        dropped=_drops(wants, hist_kept, set(ctx_kept)),
+        truncation=truncation,
+    )
+
+
+def _truncation(
+    wants: Wants, policy: Policy, kept: list[int], ctx_used: int, free: int
+) -> Truncation | None:
+    if not policy.truncate:
+        return None
+    room = free if policy.reflow else min(free, policy.context_cap - ctx_used)
+    if not kept:
+        room -= wants.context_overhead
+    if room < policy.min_truncate_tokens:
+        return None
+    kept_set = set(kept)
+    for i, cost in enumerate(wants.chunks):
+        if cost is not None and i not in kept_set:
+            return Truncation(index=i, tokens=room)
+    return None
+
+
+def _drops(wants: Wants, hist_kept: int, ctx_kept: set[int]) -> tuple[Drop, ...]:
+    drops = [
+        Drop("history", i, cost, DropReason.HISTORY_BUDGET)
+        for i, cost in enumerate(wants.history[: len(wants.history) - hist_kept])
+    ]
+    for i, cost in enumerate(wants.chunks):
+        if cost is not None and i not in ctx_kept:
+            drops.append(Drop("context", i, cost, DropReason.CONTEXT_BUDGET))
+    return tuple(drops)

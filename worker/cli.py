@@ -1,0 +1,151 @@
+"""tokenheap command line: fit, schemas, worker, dlq, config-docs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TextIO
+
+from worker.config import load_catalog
+from worker.count.anthropic_api import AnthropicCounter, make_client
+from worker.count.cache import CountCache
+from worker.errors import ConfigError
+from worker.pipeline import Engine
+from worker.render.models import FitResult
+from worker.request.decode import Limits
+from worker.settings import Settings
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine as configured: catalog, shared cache, counting threads, Claude client."""
+    catalog = load_catalog(settings.config_dir)
+    cache = CountCache(settings.cache_bytes)
+    anthropic = None
+    if settings.api_key() or settings.anthropic_base_url:
+        client = make_client(
+            settings.api_key() or "unset",
+            settings.anthropic_base_url,
+            settings.anthropic_timeout_s,
+            settings.anthropic_max_retries,
+        )
+        anthropic = AnthropicCounter(client, cache=cache)
+    return Engine(
+        catalog=catalog,
+        cache=cache,
+        executor=ThreadPoolExecutor(settings.count_workers, "tokenheap-count"),
+        workers=settings.count_workers,
+        anthropic=anthropic,
+        on_unavailable=settings.on_count_unavailable,
+    )
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(
+        max_request_bytes=settings.max_request_bytes,
+        max_history_turns=settings.max_history_turns,
+        max_chunks=settings.max_chunks,
+        max_item_chars=settings.max_item_chars,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenheap", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    fit = sub.add_parser("fit", help="fit requests from a .json/.jsonl file or - (stdin)")
+    fit.add_argument("source", help="a request .json, a .jsonl of requests, or - for stdin")
+    fit.add_argument("--table", action="store_true", help="a human view instead of JSON")
+    sch = sub.add_parser("schemas", help="write the JSON Schemas of the message contracts")
+    sch.add_argument("--out", type=Path, default=Path("schemas"))
+    sch.add_argument("--check", action="store_true", help="fail if schemas/ is out of date")
+    sub.add_parser("config-docs", help="print the settings reference as a Markdown table")
+    sub.add_parser("worker", help="run the Kafka worker")
+    dlq = sub.add_parser("dlq", help="list or replay dead letters")
+    dlq.add_argument("action", choices=["list", "replay"])
+    dlq.add_argument("--limit", type=int, default=100)
+    args = parser.parse_args(argv)
+
+    try:
+        if args.cmd == "fit":
+            return _fit(args.source, args.table)
+        if args.cmd == "schemas":
+            from worker.schemas import check_schemas, write_schemas
+
+            if args.check:
+                stale = check_schemas(args.out)
+                for name in stale:
+                    print(f"out of date: {args.out / name} (run `tokenheap schemas`)")
+                return 1 if stale else 0
+            for path in write_schemas(args.out):
+                print(path)
+            return 0
+        if args.cmd == "config-docs":
+            from worker.settings import reference_table
+
+            print(reference_table())
+            return 0
+        if args.cmd == "worker":
+            from worker.app import run_worker
+
+            return run_worker(Settings())
+        if args.cmd == "dlq":
+            from worker.dlq import run_dlq
+
+            return run_dlq(Settings(), args.action, args.limit)
+    except ConfigError as exc:
+        print(f"tokenheap: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _fit(source: str, table: bool) -> int:
+    settings = Settings()
+    engine = build_engine(settings)
+    limits = limits_of(settings)
+    out = sys.stdout
+    single = source != "-" and not source.endswith(".jsonl")
+    stream: TextIO = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
+    with stream:
+        if single:
+            lines: list[str] | TextIO = [stream.read().replace("\n", " ")]
+        else:
+            lines = stream
+        failed = asyncio.run(_emit(engine, lines, limits, out, table, pretty=single))
+    return 1 if failed and single else 0
+
+
+async def _emit(
+    engine: Engine,
+    lines: list[str] | TextIO,
+    limits: Limits,
+    out: TextIO,
+    table: bool,
+    pretty: bool,
+) -> int:
+    from worker.fitfile import fit_lines
+    from worker.render.table import render_table
+
+    failed = 0
+    try:
+        async for result in fit_lines(engine, lines, limits):
+            failed += result.status != "ok"
+            if table:
+                out.write(render_table(result))
+            else:
+                out.write(_dump(result, pretty))
+            out.write("\n")
+    finally:
+        if engine.anthropic is not None:
+            await engine.anthropic.aclose()
+    return failed
+
+
+def _dump(result: FitResult, pretty: bool) -> str:
+    return result.model_dump_json(exclude_none=True, indent=2 if pretty else None)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

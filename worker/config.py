@@ -1,0 +1,178 @@
+"""The model registry, budget profiles and render templates, loaded from `config/*.yaml`.
+
+These are data, not code: operators add a model or tune a profile without a release.
+Loaded once at startup and validated, so a bad file stops the process before it consumes.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from worker.errors import ConfigError, UnknownModel
+
+Provider = Literal["openai", "anthropic"]
+SlotName = Literal["history", "context"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelInfo(_Frozen):
+    provider: Provider
+    context_window: Annotated[int, Field(gt=0)]
+    max_output: Annotated[int, Field(gt=0)]
+    max_input: Annotated[int, Field(gt=0)] | None = None
+    encoding: str | None = None
+
+    @model_validator(mode="after")
+    def _openai_needs_encoding(self) -> ModelInfo:
+        if self.provider == "openai" and not self.encoding:
+            raise ValueError("an OpenAI model needs `encoding` (o200k_base or cl100k_base)")
+        return self
+
+
+class ChatFraming(_Frozen):
+    per_message: int = 3
+    per_name: int = 1
+    reply_priming: int = 3
+
+
+class Shares(_Frozen):
+    output: Annotated[float, Field(ge=0, lt=1)] = 0.10
+    system: Annotated[float, Field(ge=0, le=1)] = 0.05
+    history: Annotated[float, Field(ge=0, le=1)] = 0.30
+    context: Annotated[float, Field(ge=0, le=1)] = 0.55
+
+
+class Profile(_Frozen):
+    name: str
+    shares: Shares = Shares()
+    priority: tuple[SlotName, ...] = ("context", "history")
+    alert_threshold: Annotated[float, Field(gt=0, le=1)] = 0.8
+    reflow: bool = True
+    truncate_chunks: bool = False
+    min_truncate_tokens: Annotated[int, Field(ge=1)] = 64
+    min_history_turns: Annotated[int, Field(ge=0)] = 2
+
+    @model_validator(mode="after")
+    def _priority_is_a_permutation(self) -> Profile:
+        if sorted(self.priority) != ["context", "history"]:
+            raise ValueError("priority must list `context` and `history` once each")
+        return self
+
+
+# Characters a unit may start with: none of them can extend a pre-tokenizer piece that ends
+# in a newline, so counts of consecutive units add up (see tests/property/test_additivity.py).
+_SAFE_FIRST = frozenset(string.ascii_letters + string.digits + "[<#")
+
+
+class RenderTemplates(_Frozen):
+    context_header: str = "Context:\n\n"
+    chunk_template: str = "[{id}] {text}\n\n"
+    query_template: str = "Question: {query}"
+
+    @model_validator(mode="after")
+    def _units_add_up(self) -> RenderTemplates:
+        for name, tpl, fields in (
+            ("context_header", self.context_header, set()),
+            ("chunk_template", self.chunk_template, {"id", "text"}),
+            ("query_template", self.query_template, {"query"}),
+        ):
+            used = {f for _, f, _, _ in string.Formatter().parse(tpl) if f}
+            if used != fields:
+                raise ValueError(f"{name} must use exactly the fields {sorted(fields)}")
+            if not tpl or tpl[0] not in _SAFE_FIRST:
+                raise ValueError(f"{name} must start with a letter, digit, '[', '<' or '#'")
+        for name, tpl in (("context_header", self.context_header),
+                          ("chunk_template", self.chunk_template)):
+            if not tpl.endswith("\n"):
+                raise ValueError(f"{name} must end with a newline")
+        return self
+
+
+class Catalog(_Frozen):
+    """Everything the engine needs from `config/`: models, framing, profiles, templates."""
+
+    models: dict[str, ModelInfo]
+    framing: ChatFraming = ChatFraming()
+    profiles: dict[str, Profile]
+    render: RenderTemplates = RenderTemplates()
+
+    def model(self, name: str) -> ModelInfo:
+        found = self.models.get(name)
+        if found is not None:
+            return found
+        best = max((k for k in self.models if name.startswith(k + "-")), key=len, default=None)
+        if best is None:
+            raise UnknownModel(
+                f"unknown model {name!r}: add it to config/models.yaml "
+                "(provider, context_window, max_output, and encoding for OpenAI models)"
+            )
+        return self.models[best]
+
+    def profile(self, name: str) -> Profile:
+        try:
+            return self.profiles[name]
+        except KeyError:
+            raise UnknownProfile(
+                f"unknown budget profile {name!r}; known: {', '.join(sorted(self.profiles))}"
+            ) from None
+
+
+class UnknownProfile(UnknownModel):
+    code = "unknown_profile"
+
+
+def default_config_dir() -> Path:
+    """`TOKENHEAP_CONFIG_DIR`, else the checkout's `config/`, else the copy inside the wheel."""
+    env = os.environ.get("TOKENHEAP_CONFIG_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "config", here / "_config"):
+        if (candidate / "models.yaml").is_file():
+            return candidate
+    raise ConfigError("no config directory: set TOKENHEAP_CONFIG_DIR to a folder with models.yaml")
+
+
+def load_catalog(config_dir: Path | None = None) -> Catalog:
+    folder = config_dir or default_config_dir()
+    models_doc = _read_yaml(folder / "models.yaml")
+    profiles_doc = _read_yaml(folder / "profiles.yaml")
+    defaults = profiles_doc.get("defaults", {}) or {}
+    try:
+        profiles = {
+            name: Profile(name=name, **{**defaults, **(body or {})})
+            for name, body in (profiles_doc.get("profiles") or {}).items()
+        }
+        return Catalog(
+            models=models_doc.get("models") or {},
+            framing=(models_doc.get("framing") or {}).get("openai", {}),
+            profiles=profiles,
+            render=profiles_doc.get("render") or {},
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration in {folder}: {exc}") from None
+
+
+@cache
+def default_catalog() -> Catalog:
+    return load_catalog()
+
+
+def _read_yaml(path: Path) -> dict[str, object]:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a mapping")
+    return doc

@@ -1,0 +1,101 @@
+"""The fitted-context result contract (schemas/result.json is generated from it)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Out):
+    """One provider-ready message; `name` and `tool_call_id` only where the turn had them."""
+
+    role: str
+    content: str
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class Usage(_Out):
+    """Tokens per slot; they add up to `total_tokens`, which is what the provider bills."""
+
+    system: int
+    history: int
+    context: int
+    """Kept chunks as rendered, with the context header and the query's label."""
+    query: int
+    framing: int
+    """Per-message chat framing, role strings and reply priming."""
+    total_tokens: int
+    budget_tokens: int
+    """max_context_tokens - output_reserve (or the model's input cap, when lower)."""
+    output_reserve: int
+    max_context_tokens: int
+    utilization: float
+    """total_tokens / budget_tokens."""
+
+
+class DroppedItem(_Out):
+    slot: Literal["history", "context"]
+    id: str | None = None
+    """Chunk id (context slot)."""
+    index: int | None = None
+    """Position in the request's `history` (history slot) or `chunks` list."""
+    tokens: int
+    reason: str
+
+
+class TruncatedItem(_Out):
+    slot: Literal["context"] = "context"
+    id: str
+    index: int
+    original_tokens: int
+    kept_tokens: int
+
+
+class Alert(_Out):
+    type: str
+    severity: Literal["info", "warning", "critical"] = "warning"
+    message: str
+    value: float | None = None
+    threshold: float | None = None
+
+
+class ErrorInfo(_Out):
+    code: str
+    message: str
+    retriable: bool = False
+
+
+class CacheUse(_Out):
+    hits: int = 0
+    misses: int = 0
+
+
+class FitResult(_Out):
+    """What tokenheap publishes for one request: the payload to send and its manifest."""
+
+    request_id: str
+    status: Literal["ok", "error"]
+    model: str
+    provider: str | None = None
+    profile: str | None = None
+    count_method: str | None = None
+    """e.g. `tiktoken:o200k_base`, `anthropic:count_tokens`, `estimate:utf8_bytes/3`."""
+    exact: bool = False
+    system: str | None = None
+    """Anthropic only: the top-level `system` parameter."""
+    messages: list[ChatMessage] = Field(default_factory=list)
+    usage: Usage | None = None
+    dropped: list[DroppedItem] = Field(default_factory=list)
+    truncated: list[TruncatedItem] = Field(default_factory=list)
+    alerts: list[Alert] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    tenant: str | None = None
+    pipeline: str | None = None
+    conversation_id: str | None = None
+    cache: CacheUse = Field(default_factory=CacheUse)

@@ -1,0 +1,73 @@
+"""Bytes -> AssemblyRequest, with the limits that bound the work one request can cause."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from worker.errors import InvalidRequest, RequestTooLarge
+from worker.request.models import AssemblyRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Counting cost grows with size (and worse than linearly for long unbroken runs of text),
+    so every dimension a producer controls is capped."""
+
+    max_request_bytes: int = 4 * 1024 * 1024
+    max_history_turns: int = 2_000
+    max_chunks: int = 2_000
+    max_item_chars: int = 262_144
+    """One history turn, chunk, system prompt or query."""
+
+
+def decode_request(raw: bytes | str, limits: Limits = Limits()) -> AssemblyRequest:
+    size = len(raw.encode("utf-8") if isinstance(raw, str) else raw)
+    if size > limits.max_request_bytes:
+        raise RequestTooLarge(
+            f"request is {size} bytes, over the limit of {limits.max_request_bytes}; "
+            "send fewer chunks or raise TOKENHEAP_MAX_REQUEST_BYTES"
+        )
+    try:
+        req = AssemblyRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise InvalidRequest(_summarise(exc)) from None
+    check_limits(req, limits)
+    return req
+
+
+def check_limits(req: AssemblyRequest, limits: Limits) -> None:
+    if len(req.history) > limits.max_history_turns:
+        raise RequestTooLarge(
+            f"{req.request_id}: {len(req.history)} history turns, limit {limits.max_history_turns}"
+        )
+    if len(req.chunks) > limits.max_chunks:
+        raise RequestTooLarge(
+            f"{req.request_id}: {len(req.chunks)} chunks, limit {limits.max_chunks}"
+        )
+    cap = limits.max_item_chars
+    for where, text in _items(req):
+        if len(text) > cap:
+            raise RequestTooLarge(
+                f"{req.request_id}: {where} has {len(text)} characters, limit {cap}; "
+                "split it before sending"
+            )
+
+
+def _items(req: AssemblyRequest) -> list[tuple[str, str]]:
+    items = [("system", req.system), ("query", req.query)]
+    items += [(f"history[{i}]", t.content) for i, t in enumerate(req.history)]
+    items += [(f"chunk {c.id!r}", c.text) for c in req.chunks]
+    return items
+
+
+def _summarise(exc: ValidationError) -> str:
+    """Field paths and pydantic's reason, never the offending values (they may be prompt text)."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    suffix = f" (+{more} more)" if more > 0 else ""
+    return "invalid request: " + "; ".join(parts) + suffix

@@ -1,0 +1,69 @@
+"""The prompt-assembly request contract (schemas/request.json is generated from it)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    # Unknown fields are rejected so a typo in a producer fails loudly, not silently.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Turn(_Strict):
+    """One message of the conversation history, oldest first in `history`."""
+
+    role: Literal["user", "assistant", "tool", "system", "developer"]
+    content: str
+    name: str | None = None
+    """OpenAI's optional participant name; costs tokens, so it is counted."""
+    tool_call_id: str | None = None
+    """For role `tool`: the call this result answers (kept with its call when trimming)."""
+
+
+class Chunk(_Strict):
+    """A retrieved passage; `chunks` arrive in relevance order, best first."""
+
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    text: str
+    score: float | None = None
+
+
+class SlotOverrides(_Strict):
+    """Per-request overrides of the profile's slot shares (fractions of the context window)."""
+
+    history: Annotated[float, Field(ge=0, le=1)] | None = None
+    context: Annotated[float, Field(ge=0, le=1)] | None = None
+    system: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class BudgetSpec(_Strict):
+    max_context_tokens: Annotated[int, Field(gt=0)] | None = None
+    """Defaults to the model's context window from config/models.yaml."""
+    output_reserve: Annotated[int, Field(ge=0)] | None = None
+    """Tokens kept free for the reply; defaults to the profile's output share."""
+    profile: str = "rag-chatbot"
+    slots: SlotOverrides | None = None
+    reflow: bool | None = None
+    """Let budget one slot leaves unused flow to the others (profile default if unset)."""
+    truncate_chunks: bool | None = None
+    """Cut the first chunk that does not fit at a token boundary instead of skipping it."""
+    alert_threshold: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
+class AssemblyRequest(_Strict):
+    """What a pipeline asks tokenheap to fit into one LLM call."""
+
+    request_id: Annotated[str, Field(min_length=1, max_length=256)]
+    model: Annotated[str, Field(min_length=1, max_length=128)]
+    system: str = ""
+    history: list[Turn] = Field(default_factory=list)
+    chunks: list[Chunk] = Field(default_factory=list)
+    query: str
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    tenant: str | None = None
+    pipeline: str | None = None
+    conversation_id: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
