@@ -417,6 +417,10 @@ class Broker:
         if not self.detached:
             raise BrokerError("detach() needs Broker(detached=True)")
         info = self.info()
+        assert self._proc is not None
+        # Not ours to wait for any more: a returncode stops Popen.__del__ warning
+        # "subprocess ... is still running" and queueing the pid for reaping.
+        self._proc.returncode = 0
         self._proc = None
         self._data_dir = None
         return info

@@ -72,7 +72,7 @@ class AnthropicCounter:
         self._client = client
         self._cache = cache
         self._deadline_s = deadline_s
-        self._sem = asyncio.Semaphore(100)
+        self._sem = asyncio.Semaphore(max_concurrency)
         self._overheads: dict[str, int] = {}
         self._overhead_locks: dict[str, asyncio.Lock] = {}
         self.calls = 0
