@@ -8,10 +8,9 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from worker.config import load_catalog
-from worker.count.anthropic_api import AnthropicCounter, make_client
 from worker.count.cache import CountCache
 from worker.errors import ConfigError
 from worker.pipeline import Engine
@@ -19,26 +18,33 @@ from worker.render.models import FitResult
 from worker.request.decode import Limits
 from worker.settings import Settings
 
+if TYPE_CHECKING:
+    from worker.count.anthropic_api import AnthropicCounter
+
 
 def build_engine(settings: Settings) -> Engine:
     """The engine as configured: catalog, shared cache, counting threads, Claude client."""
     catalog = load_catalog(settings.config_dir)
     cache = CountCache(settings.cache_bytes)
-    anthropic = None
-    if settings.api_key() or settings.anthropic_base_url:
+
+    def anthropic() -> AnthropicCounter:
+        from worker.count.anthropic_api import AnthropicCounter, make_client
+
         client = make_client(
             settings.api_key() or "unset",
             settings.anthropic_base_url,
             settings.anthropic_timeout_s,
             settings.anthropic_max_retries,
         )
-        anthropic = AnthropicCounter(client, cache=cache)
+        return AnthropicCounter(client, cache=cache, deadline_s=settings.anthropic_deadline_s)
+
+    configured = bool(settings.api_key() or settings.anthropic_base_url)
     return Engine(
         catalog=catalog,
         cache=cache,
         executor=ThreadPoolExecutor(settings.count_workers, "tokenheap-count"),
         workers=settings.count_workers,
-        anthropic=anthropic,
+        anthropic_factory=anthropic if configured else None,
         on_unavailable=settings.on_count_unavailable,
     )
 
@@ -138,8 +144,7 @@ async def _emit(
                 out.write(_dump(result, pretty))
             out.write("\n")
     finally:
-        if engine.anthropic is not None:
-            await engine.anthropic.aclose()
+        await engine.aclose()
     return failed
 
 

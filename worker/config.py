@@ -10,7 +10,7 @@ import os
 import string
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -91,8 +91,10 @@ class RenderTemplates(_Frozen):
                 raise ValueError(f"{name} must use exactly the fields {sorted(fields)}")
             if not tpl or tpl[0] not in _SAFE_FIRST:
                 raise ValueError(f"{name} must start with a letter, digit, '[', '<' or '#'")
-        for name, tpl in (("context_header", self.context_header),
-                          ("chunk_template", self.chunk_template)):
+        for name, tpl in (
+            ("context_header", self.context_header),
+            ("chunk_template", self.chunk_template),
+        ):
             if not tpl.endswith("\n"):
                 raise ValueError(f"{name} must end with a newline")
         return self
@@ -147,7 +149,7 @@ def load_catalog(config_dir: Path | None = None) -> Catalog:
     folder = config_dir or default_config_dir()
     models_doc = _read_yaml(folder / "models.yaml")
     profiles_doc = _read_yaml(folder / "profiles.yaml")
-    defaults = profiles_doc.get("defaults", {}) or {}
+    defaults = profiles_doc.get("defaults") or {}
     try:
         profiles = {
             name: Profile(name=name, **{**defaults, **(body or {})})
@@ -168,7 +170,7 @@ def default_catalog() -> Catalog:
     return load_catalog()
 
 
-def _read_yaml(path: Path) -> dict[str, object]:
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:

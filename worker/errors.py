@@ -1,13 +1,13 @@
 """The one error tree of tokenheap; each branch says what the transport does with it.
 
-    TokenheapError
-    ├── BadRequest            -> dead-letter (worker) / error result (CLI); never retried
-    │   ├── InvalidRequest    malformed JSON, schema violation, unknown field
-    │   ├── RequestTooLarge   over a byte, item-count or item-size limit
-    │   └── UnknownModel      no counter and no context window for the model
-    ├── OverBudget            -> error result on the results topic: system + query cannot fit
-    ├── CountingUnavailable   -> retriable: the count API did not answer (policy = fail)
-    └── ConfigError           -> startup refuses to run
+TokenheapError
+├── BadRequest            -> dead-letter (worker) / error result (CLI); never retried
+│   ├── InvalidRequest    malformed JSON, schema violation, unknown field
+│   ├── RequestTooLarge   over a byte, item-count or item-size limit
+│   └── UnknownModel      no counter and no context window for the model
+├── OverBudget            -> error result on the results topic: system + query cannot fit
+├── CountingUnavailable   -> retriable: the count API did not answer (policy = fail)
+└── ConfigError           -> startup refuses to run
 """
 
 from __future__ import annotations

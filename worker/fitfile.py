@@ -31,9 +31,7 @@ async def fit_lines(
             yield result
 
 
-async def fit_batch(
-    engine: Engine, reqs: list[AssemblyRequest | FitResult]
-) -> list[FitResult]:
+async def fit_batch(engine: Engine, reqs: list[AssemblyRequest | FitResult]) -> list[FitResult]:
     local_idx: list[int] = []
     remote_idx: list[int] = []
     for i, r in enumerate(reqs):
@@ -55,7 +53,7 @@ async def fit_batch(
 
 
 def _req(r: AssemblyRequest | FitResult) -> AssemblyRequest:
-    assert isinstance(r, AssemblyRequest)  # noqa: S101 - indices come from the split above
+    assert isinstance(r, AssemblyRequest)
     return r
 
 
@@ -78,4 +76,3 @@ def _request_id_of(line: str) -> str:
 
 def read_single(stream: TextIO, limits: Limits) -> AssemblyRequest | FitResult:
     return _decode(stream.read(), limits)
-

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from worker.accounting import Costs, pieces
 from worker.allocate.budget import Drop, DropReason, Plan, Truncation
 from worker.allocate.policy import allocate
 from worker.budgeting import Budget, alert_threshold, budget_for, policy_for, system_share
 from worker.config import Catalog, ChatFraming, ModelInfo, Profile
-from worker.count.anthropic_api import AnthropicCounter
 from worker.count.cache import CountCache
 from worker.count.local import LocalCounter
 from worker.count.vocab import encoding
@@ -35,6 +34,9 @@ from worker.render.models import (
     Usage,
 )
 from worker.request.models import AssemblyRequest
+
+if TYPE_CHECKING:  # the SDK takes over a second to import: only Claude requests pay for it
+    from worker.count.anthropic_api import AnthropicCounter
 
 OnUnavailable = Literal["fail", "estimate"]
 # Claude's per-message framing is not published; this guess only steers packing, the
@@ -63,9 +65,23 @@ class Engine:
     cache: CountCache = field(default_factory=CountCache)
     executor: Executor = field(default_factory=lambda: ThreadPoolExecutor(2, "tokenheap-count"))
     workers: int = 2
-    anthropic: AnthropicCounter | None = None
+    anthropic_factory: Callable[[], AnthropicCounter] | None = None
+    """Builds the Claude counter on first use (None: no API configured)."""
     on_unavailable: OnUnavailable = "fail"
     _local: dict[str, LocalCounter] = field(default_factory=dict)
+    _anthropic: AnthropicCounter | None = None
+
+    @property
+    def anthropic(self) -> AnthropicCounter | None:
+        if self._anthropic is None and self.anthropic_factory is not None:
+            self._anthropic = self.anthropic_factory()
+        return self._anthropic
+
+    async def aclose(self) -> None:
+        """Close what the engine opened (the count API client)."""
+        if self._anthropic is not None:
+            await self._anthropic.aclose()
+            self._anthropic = None
 
     def local(self, encoding_name: str) -> LocalCounter:
         counter = self._local.get(encoding_name)
@@ -129,7 +145,7 @@ class Engine:
             return error_result(req.request_id, req.model, exc, req)
 
     def _finish_local(self, p: Prepared, counts: list[int], use: CacheUse) -> FitResult:
-        assert p.info.encoding is not None  # noqa: S101 - guaranteed by ModelInfo validation
+        assert p.info.encoding is not None
         counter = self.local(p.info.encoding)
         costs = Costs.of(p.layout, counts, self.catalog.framing)
         try:
@@ -154,7 +170,7 @@ class Engine:
         return await self._fit_anthropic(p)
 
     def _fit_local_one(self, p: Prepared) -> FitResult:
-        assert p.info.encoding is not None  # noqa: S101
+        assert p.info.encoding is not None
         counts, hits, misses = self.local(p.info.encoding).count(p.texts)
         return self._finish_local(p, counts, CacheUse(hits=hits, misses=misses))
 
@@ -189,8 +205,9 @@ class Engine:
         for _ in range(CONFIRM_ROUNDS):
             messages = p.layout.render(plan)
             confirmed = await api.count_payload(
-                model, p.layout.system or None, [m.model_dump(include={"role", "content"})
-                                                  for m in messages]
+                model,
+                p.layout.system or None,
+                [m.model_dump(include={"role", "content"}) for m in messages],
             )
             if confirmed <= p.budget.budget_tokens:
                 use = CacheUse(hits=0, misses=api.calls - calls_before)
@@ -329,7 +346,9 @@ def _dropped(p: Prepared, plan: Plan, costs: Costs) -> list[DroppedItem]:
     return out
 
 
-def request_alerts(p: Prepared, usage: Usage, dropped: list[DroppedItem], plan: Plan) -> list[Alert]:
+def request_alerts(
+    p: Prepared, usage: Usage, dropped: list[DroppedItem], plan: Plan
+) -> list[Alert]:
     """Per-request alerts: high utilization, the best chunk lost, history cut short."""
     alerts: list[Alert] = []
     threshold = alert_threshold(p.req, p.profile)

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     anthropic_base_url: str | None = Field(None, description="Anthropic API base URL")
     anthropic_timeout_s: float = Field(10.0, gt=0, description="Per-call timeout")
     anthropic_max_retries: int = Field(3, ge=0, description="Retries of 429/5xx/timeouts")
+    anthropic_deadline_s: float = Field(
+        30.0, gt=0, description="Bound on one count call, retries and retry-after waits included"
+    )
     on_count_unavailable: Literal["fail", "estimate"] = Field(
         "fail",
         description="When the count API cannot answer: a retriable error, or an estimate",

@@ -19,16 +19,34 @@ from worker.request.models import AssemblyRequest
 # Text that stresses the pre-tokenizer: punctuation runs, newlines, '/', contractions,
 # digits, combining marks, CJK, emoji, whitespace runs, a literal special token.
 _alphabet = st.sampled_from(
-    list("ab Z9'/.,;:!?-_()[]{}<>#\n\r\t") + [" ", "  ", "\n\n", "'s", "’", "é", "e\u0301",
-    "中文", "🙂", "<|endoftext|>", "1234", "—", "\u00a0", "ß", "ﬁ", "😀👍🏽"]
+    [
+        *"ab Z9'/.,;:!?-_()[]{}<>#\n\r\t",
+        " ",
+        "  ",
+        "\n\n",
+        "'s",
+        "\u2019",
+        "é",
+        "e\u0301",
+        "中文",
+        "🙂",
+        "<|endoftext|>",
+        "1234",
+        "—",
+        "\u00a0",
+        "ß",
+        "ﬁ",
+        "😀👍🏽",
+    ]
 )
 texts = st.lists(_alphabet, max_size=40).map("".join)
 
 
 @pytest.mark.parametrize("enc_name", ["o200k_base", "cl100k_base"])
 @given(parts=st.lists(texts, min_size=1, max_size=6), query=texts)
-def test_rendered_units_add_up(catalog: Catalog, enc_name: str, parts: list[str],
-                               query: str) -> None:
+def test_rendered_units_add_up(
+    catalog: Catalog, enc_name: str, parts: list[str], query: str
+) -> None:
     enc = encoding(enc_name)
     tpl = catalog.render
     units = [tpl.context_header]
@@ -39,38 +57,63 @@ def test_rendered_units_add_up(catalog: Catalog, enc_name: str, parts: list[str]
 
 
 turns = st.lists(
-    st.tuples(st.sampled_from(["user", "assistant", "tool"]), texts,
-              st.one_of(st.none(), st.sampled_from(["alice", "bob_2"]))),
+    st.tuples(
+        st.sampled_from(["user", "assistant", "tool"]),
+        texts,
+        st.one_of(st.none(), st.sampled_from(["alice", "bob_2"])),
+    ),
     max_size=8,
 )
 chunk_lists = st.lists(texts, max_size=8)
 
 
-def _request(turn_list: list[tuple[str, str, str | None]], chunks: list[str], query: str,
-             system: str, window: int, model: str, truncate: bool) -> AssemblyRequest:
+def _request(
+    turn_list: list[tuple[str, str, str | None]],
+    chunks: list[str],
+    query: str,
+    system: str,
+    window: int,
+    model: str,
+    truncate: bool,
+) -> AssemblyRequest:
     doc: dict[str, Any] = {
         "request_id": "p",
         "model": model,
         "system": system,
         "history": [
-            {"role": r, "content": c, **({"name": n} if n else {}),
-             **({"tool_call_id": "call_1"} if r == "tool" else {})}
+            {
+                "role": r,
+                "content": c,
+                **({"name": n} if n else {}),
+                **({"tool_call_id": "call_1"} if r == "tool" else {}),
+            }
             for r, c, n in turn_list
         ],
         "chunks": [{"id": f"c{i}", "text": t} for i, t in enumerate(chunks)],
         "query": query,
-        "budget": {"max_context_tokens": window, "output_reserve": 16,
-                   "truncate_chunks": truncate},
+        "budget": {"max_context_tokens": window, "output_reserve": 16, "truncate_chunks": truncate},
     }
     return AssemblyRequest.model_validate(doc)
 
 
 @pytest.mark.parametrize("model", ["gpt-4o", "gpt-4"])
-@given(turn_list=turns, chunks=chunk_lists, query=texts, system=texts,
-       window=st.integers(40, 400), truncate=st.booleans())
+@given(
+    turn_list=turns,
+    chunks=chunk_lists,
+    query=texts,
+    system=texts,
+    window=st.integers(40, 400),
+    truncate=st.booleans(),
+)
 def test_fit_is_within_budget_and_usage_equals_recount(
-    make_engine: Callable[[], Engine], model: str, turn_list: list[tuple[str, str, str | None]],
-    chunks: list[str], query: str, system: str, window: int, truncate: bool,
+    make_engine: Callable[[], Engine],
+    model: str,
+    turn_list: list[tuple[str, str, str | None]],
+    chunks: list[str],
+    query: str,
+    system: str,
+    window: int,
+    truncate: bool,
 ) -> None:
     engine = make_engine()
     req = _request(turn_list, chunks, query, system, window, model, truncate)
@@ -85,8 +128,9 @@ def test_fit_is_within_budget_and_usage_equals_recount(
     enc_name = "o200k_base" if model == "gpt-4o" else "cl100k_base"
     assert usage.total_tokens == chat_tokens(messages, enc_name)
     assert usage.total_tokens <= usage.budget_tokens
-    assert usage.total_tokens == (usage.system + usage.history + usage.context + usage.query
-                                  + usage.framing)
+    assert usage.total_tokens == (
+        usage.system + usage.history + usage.context + usage.query + usage.framing
+    )
     # nothing vanishes: every chunk is kept, truncated or reported
     accounted = {d.index for d in result.dropped if d.slot == "context"}
     accounted |= {t.index for t in result.truncated}

@@ -32,8 +32,11 @@ def test_history_is_kept_newest_first_and_contiguous() -> None:
     assert plan.history_kept == 1
     dropped = [(d.index, d.reason) for d in plan.dropped]
     # the two small, older exchanges are not kept past the gap: no holes in a conversation
-    assert dropped == [(0, DropReason.HISTORY_BUDGET), (1, DropReason.HISTORY_BUDGET),
-                       (2, DropReason.HISTORY_BUDGET)]
+    assert dropped == [
+        (0, DropReason.HISTORY_BUDGET),
+        (1, DropReason.HISTORY_BUDGET),
+        (2, DropReason.HISTORY_BUDGET),
+    ]
 
 
 def test_chunk_that_does_not_fit_is_skipped_and_smaller_later_ones_still_fit() -> None:
@@ -52,8 +55,12 @@ def test_unused_budget_reflows_to_history_when_enabled() -> None:
 
 def test_priority_decides_who_fills_first_and_who_gets_the_reflow() -> None:
     w = wants(budget=700, history=(300, 300), chunks=(300, 300))
-    ctx_first = allocate(w, policy(history_cap=600, context_cap=600, priority=("context", "history")))
-    hist_first = allocate(w, policy(history_cap=600, context_cap=600, priority=("history", "context")))
+    ctx_first = allocate(
+        w, policy(history_cap=600, context_cap=600, priority=("context", "history"))
+    )
+    hist_first = allocate(
+        w, policy(history_cap=600, context_cap=600, priority=("history", "context"))
+    )
     assert (ctx_first.chunks_kept, ctx_first.history_kept) == ((0, 1), 0)
     assert (hist_first.chunks_kept, hist_first.history_kept) == ((), 2)
 

@@ -100,6 +100,10 @@ class AnthropicCounter:
             known.update(zip((k for k, _ in todo), costs, strict=True))
         return [known[k] or 0 for k in keys]
 
+    async def aclose(self) -> None:
+        """Close the HTTP client; the counter is unusable afterwards."""
+        await self._client.close()
+
     async def count_payload(
         self, model: str, system: str | None, messages: list[dict[str, str]]
     ) -> int:

@@ -57,7 +57,9 @@ class LocalCounter:
         fresh = dict(zip(todo, self.count_distinct(list(todo.values())), strict=True))
         if fresh:
             self.cache.put_many(self.namespace, fresh.items())
-        out = [hit if hit is not None else fresh[key] for key, hit in zip(keys, cached, strict=True)]
+        out = [
+            hit if hit is not None else fresh[key] for key, hit in zip(keys, cached, strict=True)
+        ]
         misses = sum(1 for hit in cached if hit is None)
         return out, len(texts) - misses, misses
 

@@ -27,9 +27,7 @@ SHA256: dict[str, str] = {
 
 def vocab_path(name: str) -> Path:
     if name not in SHA256:
-        raise ConfigError(
-            f"encoding {name!r} is not shipped; shipped: {', '.join(sorted(SHA256))}"
-        )
+        raise ConfigError(f"encoding {name!r} is not shipped; shipped: {', '.join(sorted(SHA256))}")
     return VOCAB_DIR / f"{name}.tiktoken"
 
 

@@ -1,0 +1,100 @@
+"""`tokenheap fit` and `tokenheap schemas` as a user runs them: a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args], input=stdin, capture_output=True, text=True,
+        cwd=ROOT, timeout=120, env=env, check=False,
+    )
+
+
+def _req(i: int, **kw: object) -> dict[str, object]:
+    doc: dict[str, object] = {"request_id": f"r{i}", "model": "gpt-4o", "query": f"question {i}"}
+    doc.update(kw)
+    return doc
+
+
+def test_fit_example_request_prints_the_fitted_context() -> None:
+    proc = run("fit", "examples/request.json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["status"] == "ok"
+    assert result["messages"][0]["role"] == "system"
+    assert result["usage"]["total_tokens"] > 0
+
+
+def test_fit_jsonl_keeps_input_order_and_reports_bad_lines(tmp_path: Path) -> None:
+    lines = [json.dumps(_req(i)) for i in range(5)]
+    lines.insert(2, "{not json")
+    lines.insert(4, json.dumps({**_req(99), "surprise": 1}))
+    lines.insert(5, json.dumps(_req(7, model="claude-sonnet-4-5")))  # no API configured
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    proc = run("fit", str(src))
+    assert proc.returncode == 0, proc.stderr
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [o["request_id"] for o in out] == ["r0", "r1", "", "r2", "r99", "r7", "r3", "r4"]
+    assert out[2]["error"]["code"] == "invalid_request"
+    assert "surprise" in out[4]["error"]["message"]
+    assert out[5]["error"] == {
+        "code": "counting_unavailable", "retriable": True,
+        "message": out[5]["error"]["message"],
+    }
+
+
+def test_fit_reads_stdin_and_estimates_claude_when_told_to() -> None:
+    env = {"PATH": "/usr/bin:/bin", "TOKENHEAP_ON_COUNT_UNAVAILABLE": "estimate"}
+    proc = run("fit", "-", stdin=json.dumps(_req(1, model="claude-haiku-4-5")) + "\n", env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["exact"] is False
+    assert result["count_method"].startswith("estimate:")
+    assert any(a["type"] == "estimated_count" for a in result["alerts"])
+
+
+def test_fit_table_shows_bars_drops_and_alerts(tmp_path: Path) -> None:
+    doc = _req(1, chunks=[{"id": "huge", "text": "z " * 5000}],
+               budget={"max_context_tokens": 1000})
+    src = tmp_path / "one.json"
+    src.write_text(json.dumps(doc), encoding="utf-8")
+    proc = run("fit", str(src), "--table")
+    assert proc.returncode == 0, proc.stderr
+    assert "dropped  chunk 'huge'" in proc.stdout
+    assert "ALERT    top_chunk_dropped" in proc.stdout
+    assert "/ 900 (" in proc.stdout  # budget = 1000 - 10% output reserve
+
+
+def test_fit_single_request_error_exits_non_zero(tmp_path: Path) -> None:
+    src = tmp_path / "bad.json"
+    src.write_text(json.dumps(_req(1, model="gpt-unknown")), encoding="utf-8")
+    proc = run("fit", str(src))
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"]["code"] == "unknown_model"
+
+
+def test_schemas_in_repo_match_the_models() -> None:
+    proc = run("schemas", "--check")
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("name", ["request.json", "result.json", "alert.json",
+                                  "dead-letter.json"])
+def test_schema_drift_is_detected(tmp_path: Path, name: str) -> None:
+    assert run("schemas", "--out", str(tmp_path)).returncode == 0
+    path = tmp_path / name
+    path.write_text(path.read_text().replace('"title"', '"titel"', 1), encoding="utf-8")
+    proc = run("schemas", "--check", "--out", str(tmp_path))
+    assert proc.returncode == 1
+    assert name in proc.stdout

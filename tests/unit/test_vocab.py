@@ -1,0 +1,40 @@
+"""The shipped vocabularies: verified, and used with no network at all."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from worker.count import vocab
+from worker.errors import ConfigError
+
+
+def test_counts_with_the_network_unplugged(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("tokenheap tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/nonexistent")
+    vocab.encoding.cache_clear()
+    try:
+        enc = vocab.encoding("o200k_base")
+        assert enc.encode_ordinary("hello world") == [24912, 2375]
+        assert len(vocab.encoding("cl100k_base").encode_ordinary("hello world")) == 2
+    finally:
+        vocab.encoding.cache_clear()
+
+
+def test_a_tampered_vocabulary_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    good = vocab.vocab_path("cl100k_base").read_bytes()
+    (tmp_path / "cl100k_base.tiktoken").write_bytes(good.replace(b" 0\n", b" 1\n", 1))
+    monkeypatch.setattr(vocab, "VOCAB_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="sha256"):
+        vocab.verified_bytes("cl100k_base")
+
+
+def test_unshipped_encoding_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not shipped"):
+        vocab.vocab_path("p50k_base")

@@ -1,0 +1,91 @@
+"""The telemetry interface the transport calls; one object, created once per process.
+
+The worker only ever talks to `Telemetry`; span, metric and alert details live behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol
+
+from worker.publish.models import AlertMessage
+from worker.render.models import FitResult
+from worker.request.models import AssemblyRequest
+
+KafkaHeaders = Sequence[tuple[str, bytes]]
+
+
+class SpanLike(Protocol):
+    def is_recording(self) -> bool: ...
+
+
+class Telemetry(Protocol):
+    @contextmanager
+    def process(
+        self,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        group: str,
+        key: bytes | None,
+        headers: KafkaHeaders,
+    ) -> Iterator[SpanLike]:
+        """A CONSUMER `process <topic>` span, child of the trace context in `headers`."""
+        ...
+
+    def on_result(
+        self, req: AssemblyRequest | None, result: FitResult, duration_s: float
+    ) -> list[AlertMessage]:
+        """Record tokens, drops and alerts of a result on the current span and in metrics;
+        return the alert messages to publish (per request, and sustained raises/clears)."""
+        ...
+
+    def on_dead_letter(self, *, reason_code: str, topic: str) -> None: ...
+
+    def outgoing_headers(self) -> list[tuple[str, bytes]]:
+        """W3C trace context (and baggage) of the current span, for a message we send."""
+        ...
+
+    @contextmanager
+    def send(self, *, topic: str) -> Iterator[SpanLike]:
+        """A PRODUCER `send <topic>` span around one publish."""
+        ...
+
+
+class _NoSpan:
+    def is_recording(self) -> bool:
+        return False
+
+
+class NoopTelemetry:
+    """Records nothing and raises no alerts; for tests of the transport alone."""
+
+    @contextmanager
+    def process(
+        self,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        group: str,
+        key: bytes | None,
+        headers: KafkaHeaders,
+    ) -> Iterator[SpanLike]:
+        yield _NoSpan()
+
+    def on_result(
+        self, req: AssemblyRequest | None, result: FitResult, duration_s: float
+    ) -> list[AlertMessage]:
+        return []
+
+    def on_dead_letter(self, *, reason_code: str, topic: str) -> None:
+        return None
+
+    def outgoing_headers(self) -> list[tuple[str, bytes]]:
+        return []
+
+    @contextmanager
+    def send(self, *, topic: str) -> Iterator[SpanLike]:
+        yield _NoSpan()
