@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from worker.allocate.budget import Wants
 from worker.config import ChatFraming
 from worker.render.layout import Layout
-from worker.render.models import ChatMessage
 
-ROLES = ("system", "user", "assistant", "tool", "developer")
 _HEAD = 4  # system, header, query, query_unit
 
 
@@ -27,8 +25,7 @@ def pieces(layout: Layout) -> list[str]:
         layout.header,
         layout.query,
         layout.query_unit,
-        *ROLES,
-        *(t.content for t in turns),
+        *layout.contents,
         *(t.name or "" for t in turns),
         *(t.tool_call_id or "" for t in turns),
         *layout.chunk_units,
@@ -51,15 +48,18 @@ class Costs:
     framing: ChatFraming
 
     @classmethod
-    def of(cls, layout: Layout, counts: list[int], framing: ChatFraming) -> Costs:
-        n, k = len(layout.turns), len(ROLES)
-        at = _HEAD + k
+    def of(
+        cls, layout: Layout, counts: list[int], framing: ChatFraming, role: dict[str, int]
+    ) -> Costs:
+        """`role`: tokens of each role string (the cookbook counts the role's value too)."""
+        n = len(layout.turns)
+        at = _HEAD
         return cls(
             system=counts[0],
             header=counts[1],
             query=counts[2],
             query_unit=counts[3],
-            role=dict(zip(ROLES, counts[_HEAD:at], strict=True)),
+            role=role,
             content=tuple(counts[at : at + n]),
             name=tuple(counts[at + n : at + 2 * n]),
             tool_call_id=tuple(counts[at + 2 * n : at + 3 * n]),
@@ -67,26 +67,25 @@ class Costs:
             framing=framing,
         )
 
-    def message_framing(self, msg: ChatMessage, *, name_tokens: int = 0, id_tokens: int = 0) -> int:
+    def message_framing(self, role: str, *, named: bool = False, extra: int = 0) -> int:
         f = self.framing
-        cost = f.per_message + self.role.get(msg.role, 1)
-        if msg.name:
-            cost += f.per_name + name_tokens
-        return cost + id_tokens
+        cost = f.per_message + self.role.get(role, 1) + extra
+        return cost + f.per_name if named else cost
 
     def turn_framing(self, layout: Layout, i: int) -> int:
         """Framing of history turn i, with its name and tool_call_id values."""
         return self.message_framing(
-            layout.turns[i], name_tokens=self.name[i], id_tokens=self.tool_call_id[i]
+            layout.roles[i],
+            named=layout.turns[i].name is not None,
+            extra=self.name[i] + self.tool_call_id[i],
         )
 
     def fixed(self, layout: Layout) -> tuple[int, int]:
         """(content, framing) tokens paid whatever else is kept: system prompt and query."""
-        user = ChatMessage(role="user", content="")
-        framing = self.framing.reply_priming + self.message_framing(user)
+        framing = self.framing.reply_priming + self.message_framing("user")
         content = self.query
         if layout.system:
-            framing += self.message_framing(ChatMessage(role="system", content=""))
+            framing += self.message_framing("system")
             content += self.system
         return content, framing
 

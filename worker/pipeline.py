@@ -147,7 +147,7 @@ class Engine:
     def _finish_local(self, p: Prepared, counts: list[int], use: CacheUse) -> FitResult:
         assert p.info.encoding is not None
         counter = self.local(p.info.encoding)
-        costs = Costs.of(p.layout, counts, self.catalog.framing)
+        costs = Costs.of(p.layout, counts, self.catalog.framing, counter.role_tokens())
         try:
             plan = allocate(
                 costs.wants(p.layout, p.budget.budget_tokens),
@@ -197,7 +197,7 @@ class Engine:
         calls_before = api.calls
         got = dict(zip(nonempty, await api.count_texts(model, nonempty), strict=True))
         counts = [got.get(t, 0) if t else 0 for t in p.texts]
-        costs = Costs.of(p.layout, counts, CLAUDE_FRAMING)
+        costs = Costs.of(p.layout, counts, CLAUDE_FRAMING, {})
         wants = costs.wants(p.layout, p.budget.budget_tokens)
         policy = policy_for(p.req, p.profile, p.budget)
         plan = allocate(wants, policy)
@@ -223,7 +223,7 @@ class Engine:
 
     def _fit_estimated(self, p: Prepared) -> FitResult:
         counts = [math.ceil(len(t.encode("utf-8")) / ESTIMATE_BYTES_PER_TOKEN) for t in p.texts]
-        costs = Costs.of(p.layout, counts, CLAUDE_FRAMING)
+        costs = Costs.of(p.layout, counts, CLAUDE_FRAMING, {})
         try:
             plan = allocate(
                 costs.wants(p.layout, p.budget.budget_tokens),

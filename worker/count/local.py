@@ -13,6 +13,7 @@ import tiktoken
 
 from worker.count.cache import CountCache, digest
 
+ROLES = ("system", "user", "assistant", "tool", "developer")
 # Below this many characters of misses, one thread is faster than handing work to the pool.
 PARALLEL_MIN_CHARS = 64 * 1024
 
@@ -38,6 +39,13 @@ class LocalCounter:
         self._executor = executor
         self._workers = max(1, workers)
         self._count_one = count_one or self._tiktoken_count
+        self._roles: dict[str, int] | None = None
+
+    def role_tokens(self) -> dict[str, int]:
+        """Tokens of each chat role string, counted once per counter."""
+        if self._roles is None:
+            self._roles = {r: self._count_one(r) for r in ROLES}
+        return self._roles
 
     def _tiktoken_count(self, text: str) -> int:
         return len(self.enc.encode_ordinary(text))

@@ -6,6 +6,7 @@ Pure: no I/O, no counting.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.allocate.budget import Plan
@@ -21,8 +22,12 @@ _ANTHROPIC_ROLE = {"user": "user", "assistant": "assistant"}
 class Layout:
     provider: Provider
     system: str
-    turns: tuple[ChatMessage, ...]
-    """History as it will be sent, oldest first (roles mapped for the provider)."""
+    turns: Sequence[Turn]
+    """History as received, oldest first."""
+    roles: tuple[str, ...]
+    """Each turn's role as sent (Anthropic has only user and assistant)."""
+    contents: tuple[str, ...]
+    """Each turn's content as sent (labelled where Anthropic's roles lose information)."""
     groups: tuple[tuple[int, ...], ...]
     """Exchanges: a user turn with what follows it until the next user turn, oldest first."""
     chunk_units: tuple[str, ...]
@@ -42,7 +47,7 @@ class Layout:
             messages.append(ChatMessage(role="system", content=self.system))
         first_group = len(self.groups) - plan.history_kept
         for group in self.groups[first_group:]:
-            messages.extend(self.turns[i] for i in group)
+            messages.extend(self.message(i) for i in group)
         messages.append(ChatMessage(role="user", content=self.final_user(plan, units)))
         return messages
 
@@ -53,6 +58,15 @@ class Layout:
         body = "".join(units.get(i, self.chunk_units[i]) for i in plan.chunks_kept)
         return self.header + body + self.query_unit
 
+    def message(self, i: int) -> ChatMessage:
+        """Turn i as sent; built only for kept turns (construct: the fields are validated)."""
+        t = self.turns[i]
+        if self.provider == "openai":
+            return ChatMessage.model_construct(
+                role=t.role, content=t.content, name=t.name, tool_call_id=t.tool_call_id
+            )
+        return ChatMessage.model_construct(role=self.roles[i], content=self.contents[i])
+
     def chunk_unit(self, chunk_id: str, text: str) -> str:
         return self.chunk_template.format(id=chunk_id, text=text)
 
@@ -61,7 +75,14 @@ class Layout:
 
 
 def build_layout(req: AssemblyRequest, provider: Provider, tpl: RenderTemplates) -> Layout:
-    turns = tuple(_turn(t, provider) for t in req.history)
+    roles: tuple[str, ...]
+    if provider == "openai":
+        roles = tuple(t.role for t in req.history)
+        contents = tuple(t.content for t in req.history)
+    else:
+        mapped = [_anthropic_turn(t) for t in req.history]
+        roles = tuple(r for r, _ in mapped)
+        contents = tuple(c for _, c in mapped)
     seen: set[str] = set()
     excluded: list[str | None] = []
     for chunk in req.chunks:
@@ -75,7 +96,9 @@ def build_layout(req: AssemblyRequest, provider: Provider, tpl: RenderTemplates)
     return Layout(
         provider=provider,
         system=req.system,
-        turns=turns,
+        turns=req.history,
+        roles=roles,
+        contents=contents,
         groups=_exchanges(req.history),
         chunk_units=tuple(tpl.chunk_template.format(id=c.id, text=c.text) for c in req.chunks),
         excluded=tuple(excluded),
@@ -86,14 +109,12 @@ def build_layout(req: AssemblyRequest, provider: Provider, tpl: RenderTemplates)
     )
 
 
-def _turn(t: Turn, provider: Provider) -> ChatMessage:
-    if provider == "openai":
-        return ChatMessage(role=t.role, content=t.content, name=t.name, tool_call_id=t.tool_call_id)
+def _anthropic_turn(t: Turn) -> tuple[str, str]:
     role = _ANTHROPIC_ROLE.get(t.role)
     if role is not None:
-        return ChatMessage(role=role, content=t.content)
+        return role, t.content
     label = f"[{t.role} {t.tool_call_id}]" if t.tool_call_id else f"[{t.role}]"
-    return ChatMessage(role="user", content=f"{label} {t.content}")
+    return "user", f"{label} {t.content}"
 
 
 def _exchanges(history: list[Turn]) -> tuple[tuple[int, ...], ...]:

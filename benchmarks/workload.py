@@ -1,0 +1,118 @@
+"""Benchmark workloads as JSONL files of requests, built from real text (benchmarks/corpus.py).
+
+reuse: conversations resent every turn (turn N carries turns 1..N-1), chunks drawn with a
+       Zipf-like skew from a pool (popular chunks come back), one shared system prompt.
+cold:  the same shapes, but no text appears twice anywhere in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from benchmarks.corpus import paragraphs, passage
+
+SYSTEM = (
+    "You are the support assistant of a developer platform. Answer from the provided "
+    "context, cite chunk ids in brackets, and say plainly when the context does not cover "
+    "the question. Be concise; prefer code over prose when showing how to do something."
+)
+
+
+def _zipf_index(rng: random.Random, n: int, s: float = 1.1) -> int:
+    weights = _weights(n, s)
+    return rng.choices(range(n), cum_weights=weights)[0]
+
+
+_WEIGHT_CACHE: dict[tuple[int, float], list[float]] = {}
+
+
+def _weights(n: int, s: float) -> list[float]:
+    key = (n, s)
+    if key not in _WEIGHT_CACHE:
+        acc, out = 0.0, []
+        for k in range(1, n + 1):
+            acc += 1 / k**s
+            out.append(acc)
+        _WEIGHT_CACHE[key] = out
+    return _WEIGHT_CACHE[key]
+
+
+class _Text:
+    """Hands out passages; with `fresh`, every passage is new (a distinct start paragraph
+    and a salt, so no two texts in the file are equal)."""
+
+    def __init__(self, fresh: bool) -> None:
+        self.fresh = fresh
+        self.n = 0
+
+    def take(self, chars: int) -> str:
+        self.n += 1
+        text = passage(self.n * 7, chars)
+        return f"({self.n}) {text}" if self.fresh else text
+
+
+def build(
+    kind: str,
+    conversations: int = 40,
+    turns: int = 12,
+    chunks_per_request: int = 8,
+    pool: int = 300,
+    seed: int = 7,
+    model: str = "gpt-4o",
+    window: int = 16_000,
+) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    fresh = kind == "cold"
+    text = _Text(fresh)
+    paras = paragraphs()
+    pool_texts = [passage(i * 13, rng.randint(600, 2400)) for i in range(pool)]
+    convs: list[list[dict[str, str]]] = [[] for _ in range(conversations)]
+    out: list[dict[str, Any]] = []
+    for turn in range(turns):
+        for c in range(conversations):
+            question = paras[(c * 31 + turn * 7) % len(paras)]
+            if fresh:
+                history = [
+                    {"role": m["role"], "content": text.take(len(m["content"]))}
+                    for m in convs[c]
+                ]
+                chunks = [
+                    {"id": f"fresh-{text.n}-{k}", "text": text.take(rng.randint(600, 2400))}
+                    for k in range(chunks_per_request)
+                ]
+                question = text.take(len(question))
+                system = f"{SYSTEM} (tenant {c}-{turn})"
+            else:
+                history = list(convs[c])
+                picked = {_zipf_index(rng, pool) for _ in range(chunks_per_request)}
+                chunks = [{"id": f"doc-{k}", "text": pool_texts[k]} for k in sorted(picked)]
+                system = SYSTEM
+            out.append(
+                {
+                    "request_id": f"{kind}-{c}-{turn}",
+                    "model": model,
+                    "conversation_id": f"conv-{c}",
+                    "system": system,
+                    "history": history,
+                    "chunks": chunks,
+                    "query": question,
+                    "budget": {"max_context_tokens": window, "profile": "rag-chatbot"},
+                }
+            )
+            answer = passage(c * 101 + turn * 17, rng.randint(300, 1200))
+            convs[c] += [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+    return out
+
+
+def write(kind: str, path: Path, **kw: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for req in build(kind, **kw):
+            f.write(json.dumps(req) + "\n")
+    return path

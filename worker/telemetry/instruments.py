@@ -1,0 +1,132 @@
+"""Every metric instrument, created once per meter, and the attribute cardinality cap."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.util.types import AttributeValue
+
+from worker.telemetry import names
+
+Attrs = dict[str, AttributeValue]
+
+
+class CallCounts(Protocol):
+    """What the Anthropic counter exposes: calls made, calls failed (monotonic ints)."""
+
+    calls: int
+    failures: int
+
+
+class CardinalityCap:
+    """Keeps a metric dimension bounded: the first `limit` distinct values pass through,
+    later newcomers become `_other`.
+
+    >>> cap = CardinalityCap(limit=2)
+    >>> [cap("tenant", v) for v in ("a", "b", "c", "a")]
+    ['a', 'b', '_other', 'a']
+    """
+
+    def __init__(self, limit: int = 100) -> None:
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self.limit = limit
+        self._seen: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, dimension: str, value: str) -> str:
+        with self._lock:
+            seen = self._seen.setdefault(dimension, set())
+            if value in seen:
+                return value
+            if len(seen) < self.limit:
+                seen.add(value)
+                return value
+        return names.OVERFLOW_VALUE
+
+
+class Instruments:
+    """Histograms of tokens, utilization and durations; counters of alerts, drops,
+    dead letters, cache lookups and Anthropic count calls."""
+
+    def __init__(self, meter: Meter, *, anthropic: CallCounts | None = None) -> None:
+        self.slot_tokens = meter.create_histogram(
+            names.METRIC_SLOT_TOKENS,
+            unit="{token}",
+            description="Tokens a fitted context spends per slot (tokenheap.slot)",
+            explicit_bucket_boundaries_advisory=names.TOKEN_BUCKETS,
+        )
+        self.input_tokens = meter.create_histogram(
+            names.METRIC_INPUT_TOKENS,
+            unit="{token}",
+            description="Input tokens of a fitted context (what the provider will bill)",
+            explicit_bucket_boundaries_advisory=names.TOKEN_BUCKETS,
+        )
+        self.utilization = meter.create_histogram(
+            names.METRIC_UTILIZATION,
+            unit="1",
+            description="Input tokens over the input budget, per fitted request",
+            explicit_bucket_boundaries_advisory=names.UTILIZATION_BUCKETS,
+        )
+        self.fit_duration = meter.create_histogram(
+            names.METRIC_FIT_DURATION,
+            unit="s",
+            description="Time to count, allocate and render one request",
+            explicit_bucket_boundaries_advisory=names.GEN_AI_DURATION_BUCKETS,
+        )
+        self.process_duration = meter.create_histogram(
+            names.METRIC_PROCESS_DURATION,
+            unit="s",
+            description="Time to process one consumed message, publishing included",
+            explicit_bucket_boundaries_advisory=names.MESSAGING_DURATION_BUCKETS,
+        )
+        self.alerts = meter.create_counter(
+            names.METRIC_ALERTS,
+            unit="{alert}",
+            description="Budget alerts by kind, type and state (sustained: raises and clears)",
+        )
+        self.sustained_active = meter.create_up_down_counter(
+            names.METRIC_SUSTAINED_ACTIVE,
+            unit="{alert}",
+            description="Sustained-utilization alerts raised and not yet cleared",
+        )
+        self.dropped = meter.create_counter(
+            names.METRIC_DROPPED_ITEMS,
+            unit="{item}",
+            description="History turns and chunks left out, by slot and reason",
+        )
+        self.dead_letters = meter.create_counter(
+            names.METRIC_DEAD_LETTERS,
+            unit="{message}",
+            description="Messages sent to the dead-letter topic, by reason",
+        )
+        self.cache_lookups = meter.create_counter(
+            names.METRIC_CACHE_LOOKUPS,
+            unit="{lookup}",
+            description="Count-cache lookups by outcome (hit, miss)",
+        )
+        if anthropic is not None:
+            meter.create_observable_counter(
+                names.METRIC_ANTHROPIC_CALLS,
+                callbacks=[_observe(lambda: anthropic.calls)],
+                unit="{call}",
+                description="messages.count_tokens calls made (SDK retries not counted)",
+            )
+            meter.create_observable_counter(
+                names.METRIC_ANTHROPIC_FAILURES,
+                callbacks=[_observe(lambda: anthropic.failures)],
+                unit="{call}",
+                description="messages.count_tokens calls that ended in an error",
+            )
+
+
+def _observe(
+    read: Callable[[], int],
+) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(read())]
+
+    return callback
