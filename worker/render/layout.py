@@ -59,13 +59,10 @@ class Layout:
         return self.header + body + self.query_unit
 
     def message(self, i: int) -> ChatMessage:
-        """Turn i as sent; built only for kept turns (construct: the fields are validated)."""
-        t = self.turns[i]
+        """Turn i as sent: the request's own turn for OpenAI, a mapped one for Anthropic."""
         if self.provider == "openai":
-            return ChatMessage.model_construct(
-                role=t.role, content=t.content, name=t.name, tool_call_id=t.tool_call_id
-            )
-        return ChatMessage.model_construct(role=self.roles[i], content=self.contents[i])
+            return self.turns[i]
+        return ChatMessage.model_validate({"role": self.roles[i], "content": self.contents[i]})
 
     def chunk_unit(self, chunk_id: str, text: str) -> str:
         return self.chunk_template.format(id=chunk_id, text=text)

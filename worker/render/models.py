@@ -6,18 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# A kept history turn is sent as it came: the output message is the request's Turn model,
+# so kept turns pass through without a copy.
+from worker.request.models import Turn as ChatMessage
+
+__all__ = ["ChatMessage"]
+
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ChatMessage(_Out):
-    """One provider-ready message; `name` and `tool_call_id` only where the turn had them."""
-
-    role: str
-    content: str
-    name: str | None = None
-    tool_call_id: str | None = None
 
 
 class Usage(_Out):

@@ -1,0 +1,151 @@
+"""Structured JSON logs (stdlib logging only) carrying the current trace_id and span_id.
+
+One object per line: `ts`, `level`, `logger`, `message`, `trace_id`/`span_id` when a span is
+current, then whatever the call passed in `extra=`. The per-request ledger line is
+`log_result`: ids, counts and codes, never prompt text.
+
+    {"ts": "...", "level": "INFO", "logger": "tokenheap.requests",
+     "message": "req-7f3a fit 7412/8192 tokens (dropped 3 history)", "request_id": "req-7f3a",
+     "model": "gpt-4o", "tokens": {"system": 31, ...}, "total_tokens": 7412, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any, Final, TextIO
+
+from opentelemetry import trace
+
+from worker.render.models import FitResult
+from worker.telemetry import names
+
+REQUEST_LOGGER: Final = "tokenheap.requests"
+_STANDARD = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "taskName", "trace_id", "span_id"}
+)
+
+
+class TraceContextFilter(logging.Filter):
+    """Stamps `trace_id`/`span_id` of the span current where the record is created."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "trace_id"):
+            ctx = trace.get_current_span().get_span_context()
+            if ctx.is_valid:
+                record.trace_id = format(ctx.trace_id, "032x")
+                record.span_id = format(ctx.span_id, "016x")
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record; `extra=` fields are kept, values made JSON-safe."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if not hasattr(record, "trace_id"):  # no TraceContextFilter on this handler
+            TraceContextFilter().filter(record)
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id is not None:
+            doc["trace_id"] = trace_id
+            doc["span_id"] = getattr(record, "span_id", None)
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                doc[key] = value
+        if record.exc_info:
+            doc["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str, ensure_ascii=False)
+
+
+def configure_logging(
+    level: int | str = "INFO", *, stream: TextIO | None = None, json_lines: bool = True
+) -> logging.Handler:
+    """Root handler to `stream` (stderr): JSON lines with trace ids, or plain text.
+
+    Replaces a handler this function installed before, so calling it twice is harmless.
+    """
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(TraceContextFilter())
+    if json_lines:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        )
+    handler.set_name("tokenheap")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "tokenheap"]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
+
+
+def result_fields(result: FitResult, duration_s: float) -> dict[str, Any]:
+    """The ledger fields of one result: ids, tokens per slot, budget, drops, alert types."""
+    fields: dict[str, Any] = {
+        "request_id": result.request_id,
+        "model": result.model,
+        "provider": result.provider,
+        "profile": result.profile,
+        "tenant": result.tenant,
+        "pipeline": result.pipeline,
+        "status": result.status,
+        "duration_ms": round(duration_s * 1000, 3),
+    }
+    usage = result.usage
+    if usage is not None:
+        fields["tokens"] = {slot: int(getattr(usage, slot)) for slot in names.SLOTS}
+        fields["total_tokens"] = usage.total_tokens
+        fields["budget_tokens"] = usage.budget_tokens
+        fields["utilization"] = usage.utilization
+        fields["count_method"] = result.count_method
+        fields["exact"] = result.exact
+    if result.dropped:
+        dropped: dict[str, int] = {}
+        for d in result.dropped:
+            dropped[d.slot] = dropped.get(d.slot, 0) + 1
+        fields["dropped"] = dropped
+    if result.alerts:
+        fields["alerts"] = [a.type for a in result.alerts]
+    if result.error is not None:
+        fields["error_code"] = result.error.code
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def ledger_line(result: FitResult) -> str:
+    """`req-7f3a fit 7412/8192 tokens (dropped 3 history)`, or the error code.
+
+    >>> from worker.render.models import ErrorInfo
+    >>> ledger_line(FitResult(request_id="r1", status="error", model="m",
+    ...                       error=ErrorInfo(code="over_budget", message="x")))
+    'r1 failed (over_budget)'
+    """
+    if result.error is not None or result.usage is None:
+        code = result.error.code if result.error else "no usage"
+        return f"{result.request_id} failed ({code})"
+    u = result.usage
+    parts = []
+    dropped: dict[str, int] = {}
+    for d in result.dropped:
+        dropped[d.slot] = dropped.get(d.slot, 0) + 1
+    parts += [f"dropped {n} {slot}" for slot, n in sorted(dropped.items())]
+    if result.truncated:
+        parts.append(f"truncated {len(result.truncated)} context")
+    verdict = ", ".join(parts) or "all kept"
+    return f"{result.request_id} fit {u.total_tokens}/{u.budget_tokens} tokens ({verdict})"
+
+
+def log_result(logger: logging.Logger, result: FitResult, duration_s: float) -> None:
+    """The one INFO line per request."""
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(ledger_line(result), extra=result_fields(result, duration_s))
