@@ -22,13 +22,18 @@ def paragraphs(min_chars: int = 120) -> tuple[str, ...]:
     seen: set[str] = set()
     out: list[str] = []
     names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names)
+    with warnings.catch_warnings():  # importing and reading deprecated modules warns
+        warnings.simplefilter("ignore")
+        _collect(names, seen, out, min_chars)
+    return tuple(out)
+
+
+def _collect(names: list[str], seen: set[str], out: list[str], min_chars: int) -> None:
     for name in names:
         if name.startswith(_SKIP) or name.startswith("_"):
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mod = importlib.import_module(name)
+            mod = importlib.import_module(name)
         except Exception:
             continue
         for obj in [mod, *vars(mod).values()]:
@@ -40,7 +45,6 @@ def paragraphs(min_chars: int = 120) -> tuple[str, ...]:
                 if len(text) >= min_chars and text not in seen:
                     seen.add(text)
                     out.append(text)
-    return tuple(out)
 
 
 def passage(i: int, target_chars: int) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from worker.config import load_catalog
+from worker.count.backends import BackendName
 from worker.count.cache import CountCache
 from worker.errors import ConfigError
 from worker.pipeline import Engine
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from worker.count.anthropic_api import AnthropicCounter
 
 
-def build_engine(settings: Settings) -> Engine:
+def build_engine(settings: Settings, backend: BackendName | None = None) -> Engine:
     """The engine as configured: catalog, shared cache, counting threads, Claude client."""
     catalog = load_catalog(settings.config_dir)
     cache = CountCache(settings.cache_bytes)
@@ -43,7 +44,7 @@ def build_engine(settings: Settings) -> Engine:
         catalog=catalog,
         cache=cache,
         executor=ThreadPoolExecutor(settings.count_workers, "tokenheap-count"),
-        workers=settings.count_workers,
+        backend=backend or settings.count_backend,
         anthropic_factory=anthropic if configured else None,
         on_unavailable=settings.on_count_unavailable,
     )
@@ -64,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     fit = sub.add_parser("fit", help="fit requests from a .json/.jsonl file or - (stdin)")
     fit.add_argument("source", help="a request .json, a .jsonl of requests, or - for stdin")
     fit.add_argument("--table", action="store_true", help="a human view instead of JSON")
+    fit.add_argument(
+        "--backend",
+        choices=["tiktoken", "fastokens"],
+        help="local BPE (default tiktoken: fastokens is faster but takes ~2 s to load)",
+    )
     sch = sub.add_parser("schemas", help="write the JSON Schemas of the message contracts")
     sch.add_argument("--out", type=Path, default=Path("schemas"))
     sch.add_argument("--check", action="store_true", help="fail if schemas/ is out of date")
@@ -76,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.cmd == "fit":
-            return _fit(args.source, args.table)
+            return _fit(args.source, args.table, args.backend)
         if args.cmd == "schemas":
             from worker.schemas import check_schemas, write_schemas
 
@@ -107,9 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _fit(source: str, table: bool) -> int:
+def _fit(source: str, table: bool, backend: BackendName | None) -> int:
     settings = Settings()
-    engine = build_engine(settings)
+    if backend is None and settings.count_backend == "auto":
+        backend = "tiktoken"  # a short-lived process: load time beats counting speed
+    engine = build_engine(settings, backend)
     limits = limits_of(settings)
     out = sys.stdout
     single = source != "-" and not source.endswith(".jsonl")

@@ -13,48 +13,67 @@ from itertools import islice
 from typing import TextIO
 
 from worker.errors import TokenheapError
-from worker.pipeline import Engine, error_result
+from worker.pipeline import Engine, Started, error_result
 from worker.render.models import FitResult
 from worker.request.decode import Limits, decode_request
 from worker.request.models import AssemblyRequest
 
-BATCH = 512
+BATCH = 64
 
 
 async def fit_lines(
     engine: Engine, lines: Iterable[str], limits: Limits
 ) -> AsyncIterator[FitResult]:
-    """One result per non-blank line, in order; a bad line yields an error result."""
+    """One result per non-blank line, in order; a bad line yields an error result.
+
+    Batch k+1 is decoded and its counting started before batch k is finished, so the
+    counting threads and the allocation/rendering on this thread overlap.
+    """
     it = (line for line in lines if line.strip())
-    while batch := list(islice(it, BATCH)):
-        for result in await fit_batch(engine, [_decode(line, limits) for line in batch]):
-            yield result
+    ahead: _Batch | None = None
+    while True:
+        batch = list(islice(it, BATCH))
+        nxt = _Batch.start(engine, [_decode(line, limits) for line in batch]) if batch else None
+        if ahead is not None:
+            for result in await ahead.finish(engine):
+                yield result
+        if nxt is None:
+            return
+        ahead = nxt
 
 
-async def fit_batch(engine: Engine, reqs: list[AssemblyRequest | FitResult]) -> list[FitResult]:
-    local_idx: list[int] = []
-    remote_idx: list[int] = []
-    for i, r in enumerate(reqs):
-        if isinstance(r, AssemblyRequest):
+class _Batch:
+    """Requests in input order: OpenAI ones counting on the threads, Claude ones as tasks."""
+
+    def __init__(self, items: list[Started | FitResult | asyncio.Task[FitResult]]) -> None:
+        self.items = items
+
+    @classmethod
+    def start(cls, engine: Engine, reqs: list[AssemblyRequest | FitResult]) -> _Batch:
+        items: list[Started | FitResult | asyncio.Task[FitResult]] = []
+        for r in reqs:
+            if isinstance(r, FitResult):
+                items.append(r)
+                continue
             try:
                 provider = engine.catalog.model(r.model).provider
             except TokenheapError as exc:
-                reqs[i] = error_result(r.request_id, r.model, exc, r)
+                items.append(error_result(r.request_id, r.model, exc, r))
                 continue
-            (local_idx if provider == "openai" else remote_idx).append(i)
-    out: list[FitResult | None] = [r if isinstance(r, FitResult) else None for r in reqs]
-    remote = asyncio.gather(*(engine.fit(_req(reqs[i])) for i in remote_idx))
-    local = await asyncio.to_thread(engine.fit_many, [_req(reqs[i]) for i in local_idx])
-    for i, res in zip(local_idx, local, strict=True):
-        out[i] = res
-    for i, res in zip(remote_idx, await remote, strict=True):
-        out[i] = res
-    return [r for r in out if r is not None]
+            if provider == "openai":
+                items.append(engine.start(r))
+            else:
+                items.append(asyncio.ensure_future(engine.fit(r)))
+        return cls(items)
 
-
-def _req(r: AssemblyRequest | FitResult) -> AssemblyRequest:
-    assert isinstance(r, AssemblyRequest)
-    return r
+    async def finish(self, engine: Engine) -> list[FitResult]:
+        out: list[FitResult] = []
+        for item in self.items:
+            if isinstance(item, asyncio.Task):
+                out.append(await item)
+            else:
+                out.append(engine.finish(item))
+        return out
 
 
 def _decode(line: str, limits: Limits) -> AssemblyRequest | FitResult:

@@ -48,9 +48,7 @@ def client_kwargs(settings: Settings, client_id: str = "tokenheap") -> dict[str,
                 "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)"
             )
         if settings.sasl_username is None or settings.sasl_password is None:
-            raise ConfigError(
-                "SASL needs TOKENHEAP_SASL_USERNAME and TOKENHEAP_SASL_PASSWORD"
-            )
+            raise ConfigError("SASL needs TOKENHEAP_SASL_USERNAME and TOKENHEAP_SASL_PASSWORD")
         kwargs["sasl_mechanism"] = settings.sasl_mechanism
         kwargs["sasl_plain_username"] = settings.sasl_username
         kwargs["sasl_plain_password"] = settings.sasl_password.get_secret_value()
@@ -93,12 +91,27 @@ async def ensure_topics(
                     "create it by hand or check the principal's CREATE permission"
                 )
         async with asyncio.timeout(timeout_s):  # wait until every new partition has a leader
-            while not _all_led(await admin.describe_topics(missing), partitions):
+            while True:
+                if _all_led(await admin.describe_topics(missing), partitions):
+                    break
                 await asyncio.sleep(0.1)
         log.info("created topics %s (%d partitions each)", ", ".join(missing), partitions)
         return missing
     finally:
         await admin.close()
+
+
+async def partitions_of(common: dict[str, Any], topic: str) -> list[int]:
+    """The topic's partition ids; ConfigError if it does not exist."""
+    admin = AIOKafkaAdminClient(**common)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    if described["error_code"] != 0 or not described["partitions"]:
+        raise ConfigError(f"topic {topic!r} does not exist (or is not visible to this principal)")
+    return sorted(p["partition"] for p in described["partitions"])
 
 
 def _all_led(described: list[Any], partitions: int) -> bool:

@@ -19,8 +19,9 @@ from worker.allocate.budget import Drop, DropReason, Plan, Truncation
 from worker.allocate.policy import allocate
 from worker.budgeting import Budget, alert_threshold, budget_for, policy_for, system_share
 from worker.config import Catalog, ChatFraming, ModelInfo, Profile
+from worker.count.backends import BackendName, make_backend
 from worker.count.cache import CountCache
-from worker.count.local import LocalCounter
+from worker.count.local import LocalCounter, Pending
 from worker.count.vocab import encoding
 from worker.errors import CountingUnavailable, TokenheapError
 from worker.render.layout import Layout, build_layout
@@ -58,13 +59,23 @@ class Prepared:
 
 
 @dataclass(slots=True)
+class Started:
+    """A prepared OpenAI request whose pieces are being counted."""
+
+    prep: Prepared
+    counter: LocalCounter
+    pending: Pending
+
+
+@dataclass(slots=True)
 class Engine:
     """Counting clients and configuration; stateless per request, safe to share."""
 
     catalog: Catalog
     cache: CountCache = field(default_factory=CountCache)
     executor: Executor = field(default_factory=lambda: ThreadPoolExecutor(2, "tokenheap-count"))
-    workers: int = 2
+    backend: BackendName = "tiktoken"
+    """Local BPE backend: tiktoken, or the exact and faster fastokens (`auto`: if installed)."""
     anthropic_factory: Callable[[], AnthropicCounter] | None = None
     """Builds the Claude counter on first use (None: no API configured)."""
     on_unavailable: OnUnavailable = "fail"
@@ -86,11 +97,12 @@ class Engine:
     def local(self, encoding_name: str) -> LocalCounter:
         counter = self._local.get(encoding_name)
         if counter is None:
+            enc = encoding(encoding_name)
             counter = LocalCounter(
-                encoding(encoding_name),
+                enc,
                 cache=self.cache,
                 executor=self.executor,
-                workers=self.workers,
+                backend=make_backend(enc, self.backend),
             )
             self._local[encoding_name] = counter
         return counter
@@ -106,47 +118,38 @@ class Engine:
 
     # -- OpenAI: local, exact -----------------------------------------------------------
 
-    def fit_many(self, reqs: Sequence[AssemblyRequest | TokenheapError]) -> list[FitResult]:
-        """Fit OpenAI-model requests in one batch (blocking). Claude ones go through `fit`."""
-        preps: list[Prepared | FitResult] = []
-        for req in reqs:
-            preps.append(self._prepare_or_error(req))
-        by_enc: dict[str, list[int]] = {}
-        for i, p in enumerate(preps):
-            if isinstance(p, Prepared):
-                if p.info.provider != "openai" or p.info.encoding is None:
-                    raise ValueError("fit_many takes OpenAI models only; use fit()")
-                by_enc.setdefault(p.info.encoding, []).append(i)
-        counted: dict[int, tuple[list[int], CacheUse]] = {}
-        for enc_name, idxs in by_enc.items():
-            counter = self.local(enc_name)
-            flat = [t for i in idxs for t in _texts(preps[i])]
-            counts, _, _ = counter.count(flat)
-            pos = 0
-            for i in idxs:
-                n = len(_texts(preps[i]))
-                counted[i] = (counts[pos : pos + n], CacheUse())
-                pos += n
-        out: list[FitResult] = []
-        for i, p in enumerate(preps):
-            if isinstance(p, FitResult):
-                out.append(p)
-            else:
-                counts, use = counted[i]
-                out.append(self._finish_local(p, counts, use))
-        return out
-
-    def _prepare_or_error(self, req: AssemblyRequest | TokenheapError) -> Prepared | FitResult:
-        if isinstance(req, TokenheapError):
-            return error_result("", "", req)
+    def start(self, req: AssemblyRequest) -> Started | FitResult:
+        """Prepare an OpenAI-model request and start counting its pieces; never blocks on
+        counting, so the caller can start the next one (or serve its event loop)."""
         try:
-            return self.prepare(req)
+            p = self.prepare(req)
         except TokenheapError as exc:
             return error_result(req.request_id, req.model, exc, req)
+        return self._start(p)
 
-    def _finish_local(self, p: Prepared, counts: list[int], use: CacheUse) -> FitResult:
-        assert p.info.encoding is not None
+    def _start(self, p: Prepared) -> Started:
+        if p.info.encoding is None:
+            raise ValueError(f"{p.req.model} is not counted locally; use fit()")
         counter = self.local(p.info.encoding)
+        return Started(p, counter, counter.submit(p.texts))
+
+    def finish(self, started: Started | FitResult) -> FitResult:
+        """Allocate and render once the counts are in (blocks until they are)."""
+        if isinstance(started, FitResult):
+            return started
+        counts, hits, misses = started.pending.result()
+        return self._finish_local(
+            started.prep, started.counter, counts, CacheUse(hits=hits, misses=misses)
+        )
+
+    def fit_many(self, reqs: Sequence[AssemblyRequest]) -> list[FitResult]:
+        """Fit OpenAI-model requests (blocking); counting of later requests overlaps the
+        allocation and rendering of earlier ones."""
+        return [self.finish(s) for s in [self.start(r) for r in reqs]]
+
+    def _finish_local(
+        self, p: Prepared, counter: LocalCounter, counts: list[int], use: CacheUse
+    ) -> FitResult:
         costs = Costs.of(p.layout, counts, self.catalog.framing, counter.role_tokens())
         try:
             plan = allocate(
@@ -159,20 +162,21 @@ class Engine:
         return self._result(p, plan, costs, counter.method, True, units, truncated, use)
 
     async def fit(self, req: AssemblyRequest) -> FitResult:
-        """Fit one request without blocking the event loop (the worker's entry point)."""
+        """Fit one request without blocking the event loop (the worker's entry point).
+
+        Preparation, allocation and rendering are light and run on the loop; counting runs
+        on the counting threads and is awaited.
+        """
         try:
             p = self.prepare(req)
         except TokenheapError as exc:
             return error_result(req.request_id, req.model, exc, req)
-        if p.info.provider == "openai":
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, self._fit_local_one, p)
-        return await self._fit_anthropic(p)
-
-    def _fit_local_one(self, p: Prepared) -> FitResult:
-        assert p.info.encoding is not None
-        counts, hits, misses = self.local(p.info.encoding).count(p.texts)
-        return self._finish_local(p, counts, CacheUse(hits=hits, misses=misses))
+        if p.info.provider == "anthropic":
+            return await self._fit_anthropic(p)
+        started = self._start(p)
+        for fut in started.pending.futures:
+            await asyncio.wrap_future(fut)
+        return self.finish(started)
 
     # -- Claude: the count API, confirmed ----------------------------------------------
 
@@ -306,10 +310,6 @@ class Engine:
         )
         result.alerts.extend(request_alerts(p, usage, dropped, plan))
         return result
-
-
-def _texts(p: Prepared | FitResult) -> list[str]:
-    return p.texts if isinstance(p, Prepared) else []
 
 
 def _dropped(p: Prepared, plan: Plan, costs: Costs) -> list[DroppedItem]:

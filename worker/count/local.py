@@ -1,35 +1,64 @@
 """Exact OpenAI token counts with a local BPE: each distinct piece once, misses on both cores.
 
-tiktoken is the reference. A faster exact backend (see `backends.py`) is used only when
-installed and only for encodings where the differential test against tiktoken holds.
+`submit` hashes the pieces, answers what the cache knows and hands the rest to the
+counting threads without waiting, so a caller can prepare the next batch (the CLI) or serve
+the event loop (the worker) while they count. A piece already being counted for another
+call is not counted twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 
 import tiktoken
 
+from worker.count.backends import Backend
 from worker.count.cache import CountCache, digest
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
-# Below this many characters of misses, one thread is faster than handing work to the pool.
-PARALLEL_MIN_CHARS = 64 * 1024
+# Misses are cut into parts of about this many characters, so both threads get work and
+# a big request does not wait behind one long part.
+PART_CHARS = 256 * 1024
+
+
+@dataclass(slots=True)
+class Pending:
+    """Counts of one `submit`, some still being computed on the counting threads."""
+
+    counter: LocalCounter
+    texts: Sequence[str]
+    refs: list[int | tuple[Future[list[int]], int]]
+    """Per non-empty text: its count, or (future of its part, position in the part)."""
+    owned: list[tuple[bytes, Future[list[int]], int]]
+    """Misses this call submitted: cached and released from the in-flight map on result()."""
+    hits: int
+
+    @property
+    def futures(self) -> list[Future[list[int]]]:
+        return list({id(f): f for r in self.refs if isinstance(r, tuple) for f in (r[0],)}.values())
+
+    def result(self) -> tuple[list[int], int, int]:
+        """(counts in input order, cache hits, misses); blocks until the parts are counted."""
+        values = [r if isinstance(r, int) else r[0].result()[r[1]] for r in self.refs]
+        self.counter._settle(self.owned)
+        found = iter(values)
+        counts = [next(found) if t else 0 for t in self.texts]
+        return counts, self.hits, len(values) - self.hits
 
 
 class LocalCounter:
-    """Counts with one encoding; blocking calls, meant to run off the event loop."""
+    """Counts with one encoding through a backend (tiktoken, or an exact faster one)."""
 
     def __init__(
         self,
         enc: tiktoken.Encoding,
         *,
         cache: CountCache,
-        executor: Executor | None = None,
-        workers: int = 2,
-        count_one: Callable[[str], int] | None = None,
-        backend: str = "tiktoken",
+        executor: Executor,
+        backend: Backend,
     ) -> None:
         self.enc = enc
         self.cache = cache
@@ -37,54 +66,79 @@ class LocalCounter:
         self.method = f"tiktoken:{enc.name}"
         self.backend = backend
         self._executor = executor
-        self._workers = max(1, workers)
-        self._count_one = count_one or self._tiktoken_count
+        self._inflight: dict[bytes, tuple[Future[list[int]], int]] = {}
+        self._lock = threading.Lock()
         self._roles: dict[str, int] | None = None
 
     def role_tokens(self) -> dict[str, int]:
         """Tokens of each chat role string, counted once per counter."""
         if self._roles is None:
-            self._roles = {r: self._count_one(r) for r in ROLES}
+            self._roles = dict(zip(ROLES, self.backend.count_many(list(ROLES)), strict=True))
         return self._roles
 
-    def _tiktoken_count(self, text: str) -> int:
-        return len(self.enc.encode_ordinary(text))
+    def submit(self, texts: Sequence[str]) -> Pending:
+        """Start counting `texts` (text that looks like a special token is ordinary text,
+        as it is for the provider inside a message); never blocks on counting."""
+        present = [t for t in texts if t]  # empty names and ids are common and cost nothing
+        keys = [digest(t) for t in present]
+        cached = self.cache.get_many(self.namespace, keys)
+        refs: list[int | tuple[Future[list[int]], int]] = []
+        todo: dict[bytes, int] = {}
+        todo_texts: list[str] = []
+        waiting: list[tuple[bytes, int]] = []  # (key, position in refs) awaiting a part
+        with self._lock:
+            for key, text, hit in zip(keys, present, cached, strict=True):
+                if hit is not None:
+                    refs.append(hit)
+                    continue
+                other = self._inflight.get(key)
+                if other is not None:
+                    refs.append(other)
+                    continue
+                if key not in todo:
+                    todo[key] = len(todo_texts)
+                    todo_texts.append(text)
+                waiting.append((key, len(refs)))
+                refs.append(0)
+            owned: list[tuple[bytes, Future[list[int]], int]] = []
+            if todo_texts:
+                slots = self._submit_parts(todo_texts)
+                for key, pos in todo.items():
+                    fut, j = slots[pos]
+                    self._inflight[key] = (fut, j)
+                    owned.append((key, fut, j))
+                for key, at in waiting:
+                    refs[at] = self._inflight[key]
+        hits = sum(1 for h in cached if h is not None)
+        return Pending(self, texts, refs, owned, hits)
 
     def count(self, texts: Sequence[str]) -> tuple[list[int], int, int]:
-        """Token counts of `texts` in order, plus (cache hits, misses) of this call.
+        """Blocking form of `submit(...).result()`; not for use on the counting threads."""
+        return self.submit(texts).result()
 
-        Text that looks like a special token (`<|endoftext|>`) is ordinary text here, as it
-        is for the provider when it arrives inside a message.
-        """
-        keys = [digest(t) for t in texts]
-        cached = self.cache.get_many(self.namespace, keys)
-        todo: dict[bytes, str] = {}
-        for key, text, hit in zip(keys, texts, cached, strict=True):
-            if hit is None:
-                todo.setdefault(key, text)
-        fresh = dict(zip(todo, self.count_distinct(list(todo.values())), strict=True))
-        if fresh:
-            self.cache.put_many(self.namespace, fresh.items())
-        out = [
-            hit if hit is not None else fresh[key] for key, hit in zip(keys, cached, strict=True)
-        ]
-        misses = sum(1 for hit in cached if hit is None)
-        return out, len(texts) - misses, misses
+    def _submit_parts(self, texts: list[str]) -> list[tuple[Future[list[int]], int]]:
+        parts: list[list[str]] = [[]]
+        size = 0
+        for t in texts:
+            if size >= PART_CHARS and not self.backend.self_parallel:
+                parts.append([])
+                size = 0
+            parts[-1].append(t)
+            size += len(t)
+        slots: list[tuple[Future[list[int]], int]] = []
+        for part in parts:
+            fut = self._executor.submit(self.backend.count_many, part)
+            slots += [(fut, j) for j in range(len(part))]
+        return slots
 
-    def count_distinct(self, texts: list[str]) -> list[int]:
-        """Count without the cache, splitting big batches across the executor's threads."""
-        total_chars = sum(map(len, texts))
-        if self._executor is None or self._workers == 1 or total_chars < PARALLEL_MIN_CHARS:
-            return [self._count_one(t) for t in texts]
-        parts = _split_by_size(texts, self._workers)
-        futures = [self._executor.submit(self._count_list, part) for part in parts]
-        out: list[int] = []
-        for fut in futures:
-            out.extend(fut.result())
-        return out
-
-    def _count_list(self, texts: list[str]) -> list[int]:
-        return [self._count_one(t) for t in texts]
+    def _settle(self, owned: list[tuple[bytes, Future[list[int]], int]]) -> None:
+        if not owned:
+            return
+        items = [(key, fut.result()[j]) for key, fut, j in owned]
+        self.cache.put_many(self.namespace, items)
+        with self._lock:
+            for key, _, _ in owned:
+                self._inflight.pop(key, None)
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
@@ -92,17 +146,3 @@ class LocalCounter:
     def decode_prefix(self, tokens: list[int]) -> str:
         """Text of the first tokens, dropping a UTF-8 sequence split at the cut."""
         return self.enc.decode_bytes(tokens).decode("utf-8", errors="ignore")
-
-
-def _split_by_size(texts: list[str], n: int) -> list[list[str]]:
-    """Contiguous parts of about equal character count, so results stay in order."""
-    total = sum(map(len, texts))
-    target = total / n
-    parts: list[list[str]] = [[]]
-    acc = 0
-    for text in texts:
-        if acc >= target * len(parts) and len(parts) < n:
-            parts.append([])
-        parts[-1].append(text)
-        acc += len(text)
-    return parts

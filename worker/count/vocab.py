@@ -6,13 +6,13 @@ tiktoken would download its rank files on first use; these copies are byte-ident
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 from functools import cache
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext import openai_public
 
 from worker.errors import ConfigError
@@ -41,24 +41,33 @@ def verified_bytes(name: str) -> bytes:
 _LOCK = threading.Lock()
 
 
-@cache
-def encoding(name: str) -> tiktoken.Encoding:
-    """The tiktoken Encoding for `name`, with tiktoken's own pattern and special tokens.
+def ranks(name: str) -> dict[bytes, int]:
+    """The verified rank table. Parsed here rather than by tiktoken's loader, which would
+    copy the file into a cache directory and skips its hash check when that is disabled."""
+    data = verified_bytes(name)
+    it = iter(data.split())
+    b64 = base64.b64decode
+    return {b64(token): int(rank) for token, rank in zip(it, it, strict=True)}
 
-    tiktoken's constructor for `name` is run with its loader pointed at the shipped file,
-    so the pattern and special tokens stay tiktoken's (they live inside that function).
-    """
-    path = vocab_path(name)
+
+def _tiktoken_spec(name: str) -> tuple[str, dict[str, int]]:
+    """tiktoken's pattern and special tokens for `name`. They live inside its constructor,
+    which is run with its loader stubbed out, so they never drift from tiktoken's."""
     constructor = openai_public.ENCODING_CONSTRUCTORS[name]
-
-    def load_shipped(_url: str, expected_hash: str | None = None) -> dict[bytes, int]:
-        return load_tiktoken_bpe(str(path), expected_hash=expected_hash or SHA256[name])
-
     with _LOCK:
         original = openai_public.load_tiktoken_bpe
-        openai_public.load_tiktoken_bpe = load_shipped
+        openai_public.load_tiktoken_bpe = lambda *_a, **_k: {}
         try:
             spec = constructor()
         finally:
             openai_public.load_tiktoken_bpe = original
-    return tiktoken.Encoding(**spec)
+    return spec["pat_str"], spec["special_tokens"]
+
+
+@cache
+def encoding(name: str) -> tiktoken.Encoding:
+    """The tiktoken Encoding for `name`, built from the shipped, verified vocabulary."""
+    pat_str, special = _tiktoken_spec(name)
+    return tiktoken.Encoding(
+        name=name, pat_str=pat_str, mergeable_ranks=ranks(name), special_tokens=special
+    )

@@ -21,6 +21,11 @@ class CallCounts(Protocol):
     failures: int
 
 
+AnthropicSource = CallCounts | Callable[[], CallCounts | None]
+"""The counter itself, or a function returning it once it exists (the engine makes its
+Claude client lazily)."""
+
+
 class CardinalityCap:
     """Keeps a metric dimension bounded: the first `limit` distinct values pass through,
     later newcomers become `_other`.
@@ -52,7 +57,7 @@ class Instruments:
     """Histograms of tokens, utilization and durations; counters of alerts, drops,
     dead letters, cache lookups and Anthropic count calls."""
 
-    def __init__(self, meter: Meter, *, anthropic: CallCounts | None = None) -> None:
+    def __init__(self, meter: Meter, *, anthropic: AnthropicSource | None = None) -> None:
         self.slot_tokens = meter.create_histogram(
             names.METRIC_SLOT_TOKENS,
             unit="{token}",
@@ -109,24 +114,30 @@ class Instruments:
             description="Count-cache lookups by outcome (hit, miss)",
         )
         if anthropic is not None:
+            source = anthropic if callable(anthropic) else _const(anthropic)
             meter.create_observable_counter(
                 names.METRIC_ANTHROPIC_CALLS,
-                callbacks=[_observe(lambda: anthropic.calls)],
+                callbacks=[_observe(source, "calls")],
                 unit="{call}",
                 description="messages.count_tokens calls made (SDK retries not counted)",
             )
             meter.create_observable_counter(
                 names.METRIC_ANTHROPIC_FAILURES,
-                callbacks=[_observe(lambda: anthropic.failures)],
+                callbacks=[_observe(source, "failures")],
                 unit="{call}",
                 description="messages.count_tokens calls that ended in an error",
             )
 
 
+def _const(counts: CallCounts) -> Callable[[], CallCounts | None]:
+    return lambda: counts
+
+
 def _observe(
-    read: Callable[[], int],
+    source: Callable[[], CallCounts | None], field: str
 ) -> Callable[[CallbackOptions], Iterable[Observation]]:
     def callback(options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(read())]
+        counts = source()
+        return [] if counts is None else [Observation(int(getattr(counts, field)))]
 
     return callback

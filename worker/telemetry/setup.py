@@ -155,8 +155,8 @@ def exporter_names(env: Mapping[str, str], signal: Signal) -> list[str]:
     """`OTEL_<SIGNAL>_EXPORTER` as a list; unset means otlp if an endpoint is set, else none."""
     raw = env.get(f"OTEL_{signal.upper()}_EXPORTER", "").strip()
     if not raw:
-        endpoint_vars = ("OTEL_EXPORTER_OTLP_ENDPOINT", f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
-        return ["otlp"] if any(env.get(v) for v in endpoint_vars) else []
+        endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+        return ["otlp"] if any(env.get(v) for v in endpoints) else []
     names = [n.strip().lower() for n in raw.split(",") if n.strip()]
     unknown = [n for n in names if n not in _EXPORTERS]
     if unknown:
@@ -185,7 +185,8 @@ def _check_sampler(env: Mapping[str, str]) -> None:
     name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     if name and name not in KNOWN_SAMPLERS:
         raise ConfigError(
-            f"OTEL_TRACES_SAMPLER={name!r} is unknown: use one of {', '.join(sorted(KNOWN_SAMPLERS))}"
+            f"OTEL_TRACES_SAMPLER={name!r} is unknown: use one of "
+            f"{', '.join(sorted(KNOWN_SAMPLERS))}"
         )
 
 

@@ -1,0 +1,240 @@
+"""`tokenheap worker`: lifecycle only — clients, signals, drain.
+
+The one place holding both Kafka clients. Startup: topics (optional), the publisher, the
+consumer in the group, the health endpoint. On SIGTERM/SIGINT: stop fetching, finish
+in-flight records within `drain_timeout_s`, commit, close the producers, leave the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import traceback
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.errors import KafkaError
+
+from worker.errors import BadRequest, TokenheapError
+from worker.health import HealthServer
+from worker.kafka_config import client_kwargs, ensure_topics, worker_topics
+from worker.pipeline import Engine, error_result
+from worker.publish.produce import (
+    IdempotentPublisher,
+    Outgoing,
+    TransactionalPublisher,
+    alert_message,
+    dead_letter_message,
+    result_message,
+)
+from worker.render.models import FitResult
+from worker.request.consume import MAX_BATCH, Flow, FlowLimits, Publish, decode_record, source_of
+from worker.request.decode import Limits
+from worker.request.models import AssemblyRequest
+from worker.settings import Settings
+from worker.telemetry.hooks import NoopTelemetry, Telemetry
+
+log = logging.getLogger("worker")
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    results: str
+    alerts: str
+    dead_letter: str
+
+
+class Processor:
+    """One record in, its messages out: a result (plus alerts), or a dead letter."""
+
+    def __init__(
+        self, engine: Engine, limits: Limits, telemetry: Telemetry, topics: Topics, group_id: str
+    ) -> None:
+        self._engine = engine
+        self._limits = limits
+        self._telemetry = telemetry
+        self._topics = topics
+        self._group_id = group_id
+
+    async def __call__(self, record: ConsumerRecord[bytes, bytes], publish: Publish) -> None:
+        with self._telemetry.process(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            group=self._group_id,
+            key=record.key,
+            headers=record.headers,
+        ):
+            await publish(await self._messages(record))
+
+    async def _messages(self, record: ConsumerRecord[bytes, bytes]) -> list[Outgoing]:
+        try:
+            req = await decode_record(record.value, self._limits)
+        except BadRequest as exc:
+            self._telemetry.on_dead_letter(reason_code=exc.code, topic=record.topic)
+            log.info(
+                "%s[%d]@%d dead-lettered (%s)", record.topic, record.partition, record.offset,
+                exc.code,
+            )  # fmt: skip
+            letter = dead_letter_message(
+                self._topics.dead_letter,
+                source_of(record),
+                reason_code=exc.code,
+                reason=str(exc),
+                group_id=self._group_id,
+            )
+            return [letter]
+        began = time.perf_counter()
+        result = await self._fit(req)
+        alerts = self._telemetry.on_result(req, result, time.perf_counter() - began)
+        key = req.conversation_id or req.request_id
+        return [
+            result_message(self._topics.results, result, key),
+            *(alert_message(self._topics.alerts, a) for a in alerts),
+        ]
+
+    async def _fit(self, req: AssemblyRequest) -> FitResult:
+        """The engine returns error results for requests it rejects; anything it raises is a
+        bug, published as an `internal` error so the partition keeps flowing."""
+        try:
+            return await self._engine.fit(req)
+        except TokenheapError as exc:
+            return error_result(req.request_id, req.model, exc, req)
+        except Exception as exc:
+            # The traceback without the message: messages may quote prompt text.
+            log.error(
+                "%s: fit failed with %s\n%s",
+                req.request_id,
+                type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+            internal = TokenheapError(
+                f"internal error ({type(exc).__name__}) while fitting; see the worker log"
+            )
+            return error_result(req.request_id, req.model, internal, req)
+
+
+def flow_limits(settings: Settings) -> FlowLimits:
+    return FlowLimits(
+        max_in_flight=settings.max_in_flight,
+        max_in_flight_per_partition=settings.max_in_flight_per_partition,
+        commit_interval_s=settings.commit_interval_s,
+        settle_timeout_s=settings.drain_timeout_s,
+    )
+
+
+async def serve(
+    settings: Settings,
+    *,
+    stop: asyncio.Event,
+    telemetry: Telemetry | None = None,
+    engine: Engine | None = None,
+) -> int:
+    """Run until `stop` is set (then drain) or something fails; 0 after a clean stop."""
+    from worker.cli import build_engine, limits_of
+
+    engine = engine or build_engine(settings)
+    telemetry = telemetry or NoopTelemetry()
+    common = client_kwargs(settings)
+    if settings.create_topics:
+        await ensure_topics(
+            common, worker_topics(settings), settings.topic_partitions, settings.topic_replication
+        )
+    exactly_once = settings.delivery == "exactly-once"
+    sink: IdempotentPublisher | TransactionalPublisher
+    if exactly_once:
+        sink = TransactionalPublisher(common, settings.group_id, telemetry)
+    else:
+        sink = IdempotentPublisher(common, telemetry)
+    consumer = AIOKafkaConsumer(
+        **common,
+        group_id=settings.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset=settings.offset_reset,
+        isolation_level="read_committed",  # never act on an aborted upstream transaction
+        max_poll_records=MAX_BATCH,
+    )
+    topics = Topics(settings.results_topic, settings.alerts_topic, settings.dead_letter_topic)
+    processor = Processor(engine, limits_of(settings), telemetry, topics, settings.group_id)
+    flow = Flow(consumer, sink, processor, flow_limits(settings))
+    health = HealthServer(settings.health_host, settings.health_port, flow.ready)
+    started: list[str] = []
+    try:
+        await sink.start()
+        started.append("sink")
+        await consumer.start()
+        started.append("consumer")
+        consumer.subscribe([settings.requests_topic], listener=flow.listener)
+        if settings.health_port:
+            await health.start()
+            started.append("health")
+        log.info(
+            "worker up: group %s reads %s (%s, up to %d in flight)",
+            settings.group_id, settings.requests_topic, settings.delivery, settings.max_in_flight,
+        )  # fmt: skip
+        await flow.run(stop)
+        log.info("draining %d in-flight records (up to %.0f s)", flow.in_flight,
+                 settings.drain_timeout_s)  # fmt: skip
+        await flow.drain()
+    except KafkaError as exc:
+        log.error("kafka: %s: %s", type(exc).__name__, exc)
+        flow.failure = flow.failure or exc
+    finally:
+        if "health" in started:
+            await health.stop()
+        if "sink" in started:
+            await _quietly("closing the producers", sink.stop())
+        if "consumer" in started:
+            await _quietly("leaving the group", consumer.stop())
+        await _close_engine(engine)
+    if flow.failure is not None:
+        return 1
+    log.info("worker stopped cleanly")
+    return 0
+
+
+async def _quietly(what: str, step: Awaitable[object]) -> None:
+    try:
+        await step
+    except Exception as exc:  # shutting down: report and go on
+        log.warning("%s: %s: %s", what, type(exc).__name__, exc)
+
+
+async def _close_engine(engine: Engine) -> None:
+    if engine.anthropic is not None:
+        await _quietly("closing the Anthropic client", engine.anthropic.aclose())
+    shutdown = getattr(engine.executor, "shutdown", None)
+    if shutdown is not None:
+        shutdown(wait=False, cancel_futures=True)
+
+
+def run_worker(settings: Settings, telemetry: Telemetry | None = None) -> int:
+    """Entry point of `tokenheap worker`: the exit code (0 clean stop, 1 failure)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+    return asyncio.run(_main(settings, telemetry))
+
+
+async def _main(settings: Settings, telemetry: Telemetry | None) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.info("%s: already draining", sig.name)
+            return
+        log.info("%s: stopping; finishing in-flight work", sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await serve(settings, stop=stop, telemetry=telemetry)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

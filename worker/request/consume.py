@@ -1,0 +1,435 @@
+"""The consuming side: fetch, hand records out concurrently, publish each partition in order,
+commit what is published, pause what is too busy, and hand partitions over on rebalance.
+
+Per partition, records are processed concurrently but publish one after another in offset
+order: each record waits for the one before it to finish *queueing* its messages (not for
+their acknowledgement), so a slow request delays its successors' publishing, not their work.
+
+    fetch ─▶ start(offset) ─▶ decode + fit (concurrent) ─▶ wait turn ─▶ publish ─▶ done(offset)
+                 └──── OffsetLedger: commit = lowest offset not yet done ◀──────────┘
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from worker.errors import InvalidRequest
+from worker.publish.produce import Outgoing, Source
+from worker.request.decode import Limits, decode_request
+from worker.request.ledger import OffsetLedger
+from worker.request.models import AssemblyRequest
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 200
+"""How long one fetch waits for data; also how soon a stop or a freed slot is noticed."""
+MAX_BATCH = 500
+OFFLOAD_BYTES = 256 * 1024
+"""Requests larger than this are parsed off the event loop."""
+SETTLE_AFTER_CANCEL_S = 5.0
+
+Publish = Callable[[Sequence[Outgoing]], Awaitable[None]]
+"""Given to the handler: publish this record's messages (once), in its partition's order."""
+Handler = Callable[[ConsumerRecord[bytes, bytes], Publish], Awaitable[None]]
+Done = Callable[[], None]
+
+
+class Sink(Protocol):
+    """What the flow needs from the publishing side (worker.publish.produce)."""
+
+    commits_offsets: bool
+    """True when offsets are committed by the sink (in its transactions), not the consumer."""
+
+    def ready(self) -> bool: ...
+
+    async def assigned(self, tps: Collection[TopicPartition]) -> None: ...
+
+    async def revoked(self, tps: Collection[TopicPartition]) -> None: ...
+
+    async def publish(
+        self, tp: TopicPartition, messages: Sequence[Outgoing], done: Done
+    ) -> asyncio.Future[None]: ...
+
+    async def commit(
+        self, tps: Collection[TopicPartition], offset_of: Callable[[TopicPartition], int | None]
+    ) -> dict[TopicPartition, int]: ...
+
+    async def abort(self, tp: TopicPartition) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FlowLimits:
+    max_in_flight: int = 256
+    """Records being processed at once, over all partitions (a hard bound)."""
+    max_in_flight_per_partition: int = 64
+    """A partition holding this many is paused until some finish; records fetched past it
+    are fetched again later, so this bound is hard too."""
+    commit_interval_s: float = 1.0
+    settle_timeout_s: float = 20.0
+    """How long a revoke or a shutdown waits for in-flight records before cutting them off."""
+
+
+@dataclass(eq=False, slots=True)
+class _Partition:
+    tp: TopicPartition
+    tail: asyncio.Future[None]
+    """Resolves when the last handed-out record has queued its messages: the next one's turn."""
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    closing: bool = False
+    torn: bool = False
+    """A record was cut off while sending: its partial output must not be committed."""
+
+
+async def decode_record(value: bytes | None, limits: Limits) -> AssemblyRequest:
+    """Bytes to a request; raises BadRequest (the record is dead-lettered)."""
+    if value is None:
+        raise InvalidRequest("the message has no value (a tombstone); send a JSON request")
+    if OFFLOAD_BYTES < len(value) <= limits.max_request_bytes:
+        return await asyncio.to_thread(decode_request, value, limits)
+    return decode_request(value, limits)
+
+
+def source_of(record: ConsumerRecord[bytes, bytes]) -> Source:
+    return Source(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        timestamp_ms=record.timestamp,
+        key=record.key,
+        value=record.value,
+        headers=tuple(record.headers),
+    )
+
+
+class Flow:
+    """Owns the consumer's loop, the offset ledger and per-partition order; calls `handler`
+    once per record and `sink` to publish and (exactly-once) to commit."""
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        sink: Sink,
+        handler: Handler,
+        limits: FlowLimits,
+    ) -> None:
+        self._consumer = consumer
+        self._sink = sink
+        self._handler = handler
+        self._limits = limits
+        self._ledger = OffsetLedger[TopicPartition]()
+        self._parts: dict[TopicPartition, _Partition] = {}
+        self._paused: set[TopicPartition] = set()
+        self._assigning = False
+        self._draining = False
+        self._in_flight = 0
+        self._wake = asyncio.Event()
+        self.failure: BaseException | None = None
+        self.listener: ConsumerRebalanceListener = _Listener(self)
+
+    # -- state --------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return (
+            bool(self._parts)
+            and not self._assigning
+            and not self._draining
+            and self.failure is None
+            and self._sink.ready()
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            log.error("stopping: %s: %s", type(exc).__name__, exc)
+            self.failure = exc
+        self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch and hand out records until `stop` is set or something fails; in-flight work
+        is left to `drain`."""
+        loop = asyncio.get_running_loop()
+        next_commit = loop.time() + self._limits.commit_interval_s
+        while not stop.is_set() and self.failure is None:
+            capacity = self._limits.max_in_flight - self._in_flight
+            if capacity > 0:
+                batch = await self._consumer.getmany(
+                    timeout_ms=POLL_MS, max_records=min(capacity, MAX_BATCH)
+                )
+                self._dispatch(batch)
+            else:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), POLL_MS / 1000)
+            self._backpressure()
+            if loop.time() >= next_commit:
+                await self._commit(list(self._parts))
+                next_commit = loop.time() + self._limits.commit_interval_s
+
+    def _dispatch(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        for tp, records in batch.items():
+            part = self._parts.get(tp)
+            if part is None or part.closing:
+                # Fetched while the partition changes hands: leave the records to whoever owns
+                # it next (a partition still being set up reads them again after its rewind).
+                if part is None and tp in self._consumer.assignment():
+                    self._consumer.seek(tp, records[0].offset)
+                continue
+            room = self._limits.max_in_flight_per_partition - len(part.tasks)
+            for record in records[:room]:
+                self._start(part, record)
+            if room < len(records):  # over the partition's bound: fetch the rest again later
+                self._consumer.seek(tp, records[max(room, 0)].offset)
+                self._consumer.pause(tp)
+                self._paused.add(tp)
+
+    def _start(self, part: _Partition, record: ConsumerRecord[bytes, bytes]) -> None:
+        prev = part.tail
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        part.tail = mine
+        self._ledger.start(part.tp, record.offset)
+        self._in_flight += 1
+        task = asyncio.create_task(
+            self._process(part, record, prev, mine),
+            name=f"{part.tp.topic}[{part.tp.partition}]@{record.offset}",
+        )
+        part.tasks.add(task)
+        task.add_done_callback(lambda t: self._finished(part, t))
+
+    async def _process(
+        self,
+        part: _Partition,
+        record: ConsumerRecord[bytes, bytes],
+        prev: asyncio.Future[None],
+        mine: asyncio.Future[None],
+    ) -> None:
+        published = False
+        sending = False
+
+        async def publish(messages: Sequence[Outgoing]) -> None:
+            nonlocal published, sending
+            if published:
+                raise RuntimeError("a record's messages are published once")
+            published = True
+            await asyncio.shield(prev)  # our turn; cancelling us must not cancel theirs
+            sending = True
+            delivered = await self._sink.publish(
+                part.tp, messages, lambda: self._done(part, record.offset)
+            )
+            sending = False
+            _resolve(mine)  # the next record may queue now; our acks arrive in order anyway
+            await delivered
+
+        try:
+            await self._handler(record, publish)
+            if not published:
+                raise RuntimeError(f"the handler published nothing for offset {record.offset}")
+        except asyncio.CancelledError:
+            if sending:
+                part.torn = True
+            raise
+        finally:
+            _resolve(mine)
+
+    def _done(self, part: _Partition, offset: int) -> None:
+        if self._parts.get(part.tp) is part:  # not a leftover of a revoked assignment
+            self._ledger.done(part.tp, offset)
+
+    def _finished(self, part: _Partition, task: asyncio.Task[None]) -> None:
+        part.tasks.discard(task)
+        self._in_flight -= 1
+        self._wake.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._fail(exc)
+        self._backpressure()
+
+    def _backpressure(self) -> None:
+        """Pause partitions holding too much (all of them when the global bound is hit)."""
+        assigned = self._consumer.assignment()
+        if self._draining:
+            want = set(assigned)
+        else:
+            full = self._in_flight >= self._limits.max_in_flight
+            cap = self._limits.max_in_flight_per_partition
+            want = {
+                tp
+                for tp, p in self._parts.items()
+                if not p.closing and (full or len(p.tasks) >= cap)
+            }
+        self._paused &= assigned
+        pause = [tp for tp in want - self._paused if tp in assigned]
+        resume = [tp for tp in self._paused - want if tp in self._parts]
+        if pause:
+            self._consumer.pause(*pause)
+        if resume:
+            self._consumer.resume(*resume)
+        self._paused = (self._paused | set(pause)) - set(resume)
+
+    # -- commits ------------------------------------------------------------------------
+
+    async def _commit(self, tps: Iterable[TopicPartition]) -> None:
+        """Commit the ledger's offsets of `tps`: explicitly through the consumer (at least
+        once) or inside each partition's transaction (exactly once)."""
+        live = [tp for tp in tps if tp in self._parts and not self._parts[tp].torn]
+        if not live:
+            return
+        if self._sink.commits_offsets:
+            try:
+                committed = await self._sink.commit(live, self._ledger.next_offset)
+            except Exception as exc:  # its partition is poisoned; stop
+                self._fail(exc)
+                return
+        else:
+            due = self._ledger.due()
+            assigned = self._consumer.assignment()
+            committed = {tp: due[tp] for tp in live if tp in due and tp in assigned}
+            if not committed:
+                return
+            try:
+                await self._consumer.commit(committed)
+            except (CommitFailedError, IllegalStateError) as exc:
+                log.warning("commit skipped, the group is rebalancing (%s)", type(exc).__name__)
+                return
+            except KafkaError as exc:
+                log.warning(
+                    "commit failed, retrying next interval (%s: %s)", type(exc).__name__, exc
+                )
+                return
+        self._ledger.committed(committed)
+        if committed:
+            log.debug("committed %s", _fmt(committed))
+
+    # -- rebalance ----------------------------------------------------------------------
+
+    async def _assigned(self, tps: Collection[TopicPartition]) -> None:
+        """Paused until the sink is ready for the partitions and positions are rewound to
+        the committed offsets (read after the sink started: stable under exactly-once)."""
+        new = [tp for tp in tps if tp not in self._parts]
+        if not new:
+            return
+        self._assigning = True
+        self._consumer.pause(*new)
+        try:
+            await self._sink.assigned(new)
+            await self._rewind(new)
+        except Exception as exc:  # aiokafka would only log it
+            self._fail(exc)
+            return
+        finally:
+            self._assigning = False
+        loop = asyncio.get_running_loop()
+        for tp in new:
+            first: asyncio.Future[None] = loop.create_future()
+            first.set_result(None)
+            self._parts[tp] = _Partition(tp, first)
+            self._paused.discard(tp)
+        self._consumer.resume(*new)
+        log.info("assigned %s", _fmt_tps(new))
+
+    async def _rewind(self, tps: Sequence[TopicPartition]) -> None:
+        committed = await asyncio.gather(*(self._consumer.committed(tp) for tp in tps))
+        for tp, offset in zip(tps, committed, strict=True):
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+
+    async def _revoked(self, tps: Collection[TopicPartition]) -> None:
+        """Finish (or cut off) the partitions' records, commit them, release the sink."""
+        parts = [self._parts[tp] for tp in tps if tp in self._parts]
+        if not parts:
+            return
+        for p in parts:
+            p.closing = True
+        await self._settle(parts)
+        await self._close(parts)
+        log.info("revoked %s", _fmt_tps(p.tp for p in parts))
+
+    async def _settle(self, parts: Sequence[_Partition]) -> None:
+        tasks = {t for p in parts for t in p.tasks}
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self._limits.settle_timeout_s)
+        if pending:
+            log.warning(
+                "%d records still in flight after %.0f s; cutting them off (they are read "
+                "again from the committed offset)",
+                len(pending),
+                self._limits.settle_timeout_s,
+            )
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=SETTLE_AFTER_CANCEL_S)
+
+    async def _close(self, parts: Sequence[_Partition]) -> None:
+        tps = [p.tp for p in parts]
+        try:
+            await self._commit(tps)
+            for p in parts:
+                if p.torn:
+                    await self._sink.abort(p.tp)
+            await self._sink.revoked(tps)
+        except Exception as exc:  # the next owner re-reads what is uncommitted
+            log.warning("releasing %s: %s: %s", _fmt_tps(tps), type(exc).__name__, exc)
+        finally:
+            for tp in tps:
+                self._parts.pop(tp, None)
+                self._ledger.forget(tp)
+                self._paused.discard(tp)
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop fetching, let in-flight records finish (bounded), commit, release the sink."""
+        self._draining = True
+        self._backpressure()
+        parts = list(self._parts.values())
+        await self._settle(parts)
+        await self._close(parts)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka awaits these during a rebalance, before the group moves on."""
+
+    def __init__(self, flow: Flow) -> None:
+        self._flow = flow
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        await self._flow._revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        await self._flow._assigned(assigned)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _fmt(offsets: dict[TopicPartition, int]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]={o}" for tp, o in sorted(offsets.items()))
+
+
+def _fmt_tps(tps: Iterable[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps)) or "nothing"
+
+
+__all__ = [
+    "Flow",
+    "FlowLimits",
+    "Handler",
+    "Publish",
+    "Sink",
+    "decode_record",
+    "source_of",
+]
