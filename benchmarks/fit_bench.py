@@ -45,10 +45,12 @@ def run_once(cmd: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--conversations", type=int, default=40)
-    ap.add_argument("--turns", type=int, default=12)
+    ap.add_argument("--conversations", type=int, default=50)
+    ap.add_argument("--turns", type=int, default=20)
+    ap.add_argument("--chunks", type=int, default=16)
     args = ap.parse_args()
-    kw = {"conversations": args.conversations, "turns": args.turns}
+    kw = {"conversations": args.conversations, "turns": args.turns,
+          "chunks_per_request": args.chunks}
     reuse = write("reuse", DATA / "reuse.jsonl", **kw)
     cold = write("cold", DATA / "cold.jsonl", **kw)
     n = args.conversations * args.turns

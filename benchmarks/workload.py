@@ -59,7 +59,7 @@ def build(
     conversations: int = 40,
     turns: int = 12,
     chunks_per_request: int = 8,
-    pool: int = 300,
+    pool: int = 400,
     seed: int = 7,
     model: str = "gpt-4o",
     window: int = 16_000,

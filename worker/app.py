@@ -204,8 +204,7 @@ async def _quietly(what: str, step: Awaitable[object]) -> None:
 
 
 async def _close_engine(engine: Engine) -> None:
-    if engine.anthropic is not None:
-        await _quietly("closing the Anthropic client", engine.anthropic.aclose())
+    await _quietly("closing the engine", engine.aclose())
     shutdown = getattr(engine.executor, "shutdown", None)
     if shutdown is not None:
         shutdown(wait=False, cancel_futures=True)

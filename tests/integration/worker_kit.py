@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -305,9 +305,7 @@ class DelayedEngine(Engine):
     """The real engine, after a per-request pause (to force completions out of order)."""
 
     def __init__(self, base: Engine, delay: Callable[[AssemblyRequest], float]) -> None:
-        super().__init__(
-            catalog=base.catalog, cache=base.cache, executor=base.executor, workers=base.workers
-        )
+        super().__init__(**{f.name: getattr(base, f.name) for f in fields(base) if f.init})
         self.delay = delay
 
     async def fit(self, req: AssemblyRequest) -> FitResult:

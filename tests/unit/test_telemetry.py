@@ -77,7 +77,8 @@ class Rig:
 
     def metrics(self) -> dict[str, Any]:
         data = self.reader.get_metrics_data()
-        assert data is not None
+        if data is None:  # nothing recorded yet
+            return {}
         return {
             m.name: m
             for rm in data.resource_metrics
@@ -275,6 +276,26 @@ def test_stage_spans_are_children_of_the_process_span(rig: Rig) -> None:
         assert child.kind is SpanKind.INTERNAL
         assert (child.attributes or {})[names.ATTR_STAGE] == name
     assert (rig.span("count").attributes or {})["texts"] == 3
+
+
+def test_stage_in_a_thread_pool_needs_the_callers_context(rig: Rig) -> None:
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    def count() -> bool:
+        with stage("count") as span:
+            return span.is_recording()
+
+    async def main() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1) as pool, process(rig):
+            bare = await loop.run_in_executor(pool, count)
+            ctx = contextvars.copy_context()
+            carried = await loop.run_in_executor(pool, ctx.run, count)
+        return bare, carried
+
+    assert asyncio.run(main()) == (False, True)
+    assert rig.span("count").parent is not None
 
 
 def test_stage_outside_a_recording_span_records_nothing(rig: Rig) -> None:
@@ -525,6 +546,21 @@ def test_anthropic_count_calls_are_observed(make_rig: MakeRig) -> None:
     (failures,) = rig.points(names.METRIC_ANTHROPIC_FAILURES)
     assert (calls.value, failures.value) == (7, 2)
     assert rig.metrics()[names.METRIC_ANTHROPIC_CALLS].data.is_monotonic
+
+
+def test_anthropic_counts_from_a_lazy_source(make_rig: MakeRig) -> None:
+    class Counts:
+        calls = 3
+        failures = 0
+
+    made: list[Counts] = []
+    rig = make_rig()
+    assert names.METRIC_ANTHROPIC_CALLS not in rig.metrics()  # no source: nothing observed
+    rig.tel.observe_anthropic(lambda: made[0] if made else None)
+    assert names.METRIC_ANTHROPIC_CALLS not in rig.metrics()  # no client yet
+    made.append(Counts())
+    (calls,) = rig.points(names.METRIC_ANTHROPIC_CALLS)
+    assert calls.value == 3
 
 
 def test_tenant_and_pipeline_cardinality_is_capped(

@@ -38,3 +38,17 @@ def test_a_tampered_vocabulary_is_refused(tmp_path: Path, monkeypatch: pytest.Mo
 def test_unshipped_encoding_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="not shipped"):
         vocab.vocab_path("p50k_base")
+
+
+def test_rank_cache_is_used_and_a_tampered_copy_is_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = vocab.ranks("cl100k_base")
+    [cached] = (tmp_path / "tokenheap").iterdir()
+    assert vocab.ranks("cl100k_base") == first
+    blob = bytearray(cached.read_bytes())
+    blob[-5] ^= 0xFF  # damage the table: its own sha256 no longer matches
+    cached.write_bytes(bytes(blob))
+    assert vocab.ranks("cl100k_base") == first
+    assert cached.read_bytes() != bytes(blob)  # rebuilt from the verified file

@@ -8,11 +8,12 @@ because the same text has different counts under different tokenizers.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from xxhash import xxh3_128_digest
 
 # A cached entry costs its key (16-byte digest + namespace ref) and an int, plus the
 # OrderedDict node; 120 bytes is a measured-order-of-magnitude figure, used to bound memory.
@@ -20,8 +21,9 @@ ENTRY_BYTES = 120
 
 
 def digest(text: str) -> bytes:
-    """16-byte content hash; collisions are negligible (2^-64 at a billion entries)."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    """16-byte content hash (XXH3-128: 5x cheaper than blake2b on chat-sized text, and
+    with 128 bits a collision among a billion entries has odds of about 2^-68)."""
+    return xxh3_128_digest(text.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True, slots=True)

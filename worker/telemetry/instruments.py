@@ -113,31 +113,25 @@ class Instruments:
             unit="{lookup}",
             description="Count-cache lookups by outcome (hit, miss)",
         )
-        if anthropic is not None:
-            source = anthropic if callable(anthropic) else _const(anthropic)
-            meter.create_observable_counter(
-                names.METRIC_ANTHROPIC_CALLS,
-                callbacks=[_observe(source, "calls")],
-                unit="{call}",
-                description="messages.count_tokens calls made (SDK retries not counted)",
-            )
-            meter.create_observable_counter(
-                names.METRIC_ANTHROPIC_FAILURES,
-                callbacks=[_observe(source, "failures")],
-                unit="{call}",
-                description="messages.count_tokens calls that ended in an error",
-            )
+        self.anthropic: AnthropicSource | None = anthropic
+        """Read at each collection; settable later (the engine may start after telemetry)."""
+        meter.create_observable_counter(
+            names.METRIC_ANTHROPIC_CALLS,
+            callbacks=[self._observe("calls")],
+            unit="{call}",
+            description="messages.count_tokens calls made (SDK retries not counted)",
+        )
+        meter.create_observable_counter(
+            names.METRIC_ANTHROPIC_FAILURES,
+            callbacks=[self._observe("failures")],
+            unit="{call}",
+            description="messages.count_tokens calls that ended in an error",
+        )
 
+    def _observe(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            source = self.anthropic
+            counts = source() if callable(source) else source
+            return [] if counts is None else [Observation(int(getattr(counts, field)))]
 
-def _const(counts: CallCounts) -> Callable[[], CallCounts | None]:
-    return lambda: counts
-
-
-def _observe(
-    source: Callable[[], CallCounts | None], field: str
-) -> Callable[[CallbackOptions], Iterable[Observation]]:
-    def callback(options: CallbackOptions) -> Iterable[Observation]:
-        counts = source()
-        return [] if counts is None else [Observation(int(getattr(counts, field)))]
-
-    return callback
+        return callback

@@ -240,6 +240,11 @@ class OtelTelemetry:
         finally:
             _ACTIVE_TRACER.reset(token)
 
+    def observe_anthropic(self, source: AnthropicSource | None) -> None:
+        """Report this Anthropic counter's calls and failures (or a function returning it
+        once made, None until then); for when the engine is built after the telemetry."""
+        self.instruments.anthropic = source
+
     def force_flush(self, timeout_s: float = 5.0) -> bool:
         return self.providers.force_flush(timeout_s) if self.providers else True
 
