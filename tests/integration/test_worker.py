@@ -8,6 +8,7 @@ import base64
 import importlib.util
 import io
 import json
+import re
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -20,11 +21,12 @@ from worker.cli import build_engine
 from worker.dlq import list_dead_letters, replay_dead_letters
 
 
-def _load_kit() -> ModuleType:
-    name = "tokenheap_worker_kit"
+def _load(path: Path) -> ModuleType:
+    """Import a helper module by path (tests/ is not a package), once."""
+    name = f"_tokenheap_test_support.{path.stem}"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("worker_kit.py"))
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -32,7 +34,11 @@ def _load_kit() -> ModuleType:
     return module
 
 
-kit = _load_kit()
+def support(name: str) -> ModuleType:
+    return _load(Path(__file__).parents[1] / "support" / f"{name}.py")
+
+
+kit = _load(Path(__file__).with_name("worker_kit.py"))
 MakeTopics = Callable[..., Awaitable[list[str]]]
 pytestmark = pytest.mark.kafka
 MODES = ["at-least-once", "exactly-once"]
@@ -257,46 +263,58 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
 async def test_sigterm_drains_commits_and_restart_reprocesses_nothing(
     kafka_bootstrap: str, make_topics: MakeTopics, tmp_path: Path, delivery: str
 ) -> None:
-    """SIGTERM mid-stream: the worker finishes what it holds, commits exactly what it
-    published (the committed offsets match the results out), and exits 0. The next worker
-    starts there: no request is processed twice, none is lost."""
+    """SIGTERM mid-stream, with requests in flight (Claude requests, counted by a slow local
+    count_tokens stand-in): the worker finishes them, commits exactly what it published (the
+    committed offsets match the results out) and exits 0. The next worker starts there: no
+    request is processed twice, none is lost."""
     names = await kit.make_names(make_topics, partitions=3)
-    n = 180
-    settings = kit.settings_for(
-        kafka_bootstrap, names, delivery=delivery, health_port=kit.free_port()
-    )
-    first = kit.WorkerProcess(settings, tmp_path / "first.log")
-    second = None
-    try:
-        async with kit.Reader(
-            kafka_bootstrap, [names.results], names.partitions, committed_only=True
-        ) as r:
-            await first.wait_ready()
-            stream = kit.stream(kafka_bootstrap, names.requests, n, partitions=3, pace_s=0.01)
-            await r.wait_for(lambda: len(r.on(names.results)) >= 30)
-            assert await first.terminate() == 0, first.log_tail()
-            committed = await kit.committed_offsets(kafka_bootstrap, names.group)
-            await asyncio.sleep(1.0)  # anything published late would show up now
-            before = set(r.ids(names.results))
-            sent = await stream
-            expected_before = {
-                kit.request_id(i)
-                for i, s in enumerate(sent)
-                if s.offset < committed.get(s.partition, 0)
-            }
-            assert before == expected_before
+    n = 90
+    with support("anthropic_server").AnthropicServer(latency=0.3) as count_api:
+        settings = kit.settings_for(
+            kafka_bootstrap,
+            names,
+            delivery=delivery,
+            health_port=kit.free_port(),
+            anthropic_base_url=count_api.base_url,
+        )
+        first = kit.WorkerProcess(settings, tmp_path / "first.log")
+        second = None
+        try:
+            async with kit.Reader(
+                kafka_bootstrap, [names.results], names.partitions, committed_only=True
+            ) as r:
+                await first.wait_ready()
+                stream = kit.stream(
+                    kafka_bootstrap, names.requests, n, partitions=3, pace_s=0.01,
+                    model="claude-sonnet-4-5",
+                )  # fmt: skip
+                await r.wait_for(lambda: len(r.on(names.results)) >= 10)
+                assert await first.terminate() == 0, first.log_tail()
+                committed = await kit.committed_offsets(kafka_bootstrap, names.group)
+                await asyncio.sleep(1.0)  # anything published late would show up now
+                before = set(r.ids(names.results))
+                sent = await stream
+                expected_before = {
+                    kit.request_id(i)
+                    for i, s in enumerate(sent)
+                    if s.offset < committed.get(s.partition, 0)
+                }
+                assert before == expected_before
+                drained = re.search(r"draining (\d+) in-flight", first.log_path.read_text())
+                assert drained and int(drained[1]) > 0, "nothing was in flight at SIGTERM"
 
-            second = kit.WorkerProcess(settings, tmp_path / "second.log")
-            await r.wait_for(lambda: len(set(r.ids(names.results))) >= n, 90)
-            await asyncio.sleep(1.0)
-        assert await second.terminate() == 0, second.log_tail()
-    finally:
-        first.cleanup()
-        if second is not None:
-            second.cleanup()
+                second = kit.WorkerProcess(settings, tmp_path / "second.log")
+                await r.wait_for(lambda: len(set(r.ids(names.results))) >= n, 90)
+                await asyncio.sleep(1.0)
+            assert await second.terminate() == 0, second.log_tail()
+        finally:
+            first.cleanup()
+            if second is not None:
+                second.cleanup()
     ids = r.ids(names.results)
     _no_duplicates(ids)
     assert set(ids) == {kit.request_id(i) for i in range(n)}
+    assert all(d["status"] == "ok" for d in r.json(names.results))
 
 
 @pytest.mark.parametrize("delivery", MODES)

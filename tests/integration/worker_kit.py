@@ -135,14 +135,14 @@ async def produce(
 
 
 def stream(
-    bootstrap: str, topic: str, n: int, *, partitions: int, pace_s: float = 0.0
+    bootstrap: str, topic: str, n: int, *, partitions: int, pace_s: float = 0.0, **over: Any
 ) -> asyncio.Task[list[Sent]]:
     """Requests 0..n-1, round-robin over the partitions, as a background task."""
     return asyncio.create_task(
         produce(
             bootstrap,
             topic,
-            [request(i) for i in range(n)],
+            [request(i, **over) for i in range(n)],
             partition_of=lambda i: i % partitions,
             pace_s=pace_s,
         )
