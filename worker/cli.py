@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,9 @@ from worker.settings import Settings
 
 if TYPE_CHECKING:
     from worker.count.anthropic_api import AnthropicCounter
+
+
+PARALLEL_MIN_BYTES = 4 * 1024 * 1024
 
 
 def build_engine(settings: Settings, backend: BackendName | None = None) -> Engine:
@@ -70,6 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["tiktoken", "fastokens"],
         help="local BPE (default tiktoken: fastokens is faster but takes ~2 s to load)",
     )
+    fit.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="processes for a .jsonl file (default: one per core for files over 4 MB)",
+    )
     sch = sub.add_parser("schemas", help="write the JSON Schemas of the message contracts")
     sch.add_argument("--out", type=Path, default=Path("schemas"))
     sch.add_argument("--check", action="store_true", help="fail if schemas/ is out of date")
@@ -82,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.cmd == "fit":
-            return _fit(args.source, args.table, args.backend)
+            return _fit(args.source, args.table, args.backend, args.jobs)
         if args.cmd == "schemas":
             from worker.schemas import check_schemas, write_schemas
 
@@ -113,14 +123,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _fit(source: str, table: bool, backend: BackendName | None) -> int:
+def _fit(source: str, table: bool, backend: BackendName | None, jobs: int) -> int:
     settings = Settings()
     if backend is None and settings.count_backend == "auto":
         backend = "tiktoken"  # a short-lived process: load time beats counting speed
-    engine = build_engine(settings, backend)
     limits = limits_of(settings)
     out = sys.stdout
     single = source != "-" and not source.endswith(".jsonl")
+    if not single and source != "-":
+        if jobs == 0:
+            big = os.path.getsize(source) > PARALLEL_MIN_BYTES
+            jobs = min(os.cpu_count() or 1, 2) if big else 1
+        if jobs > 1:
+            return _fit_jobs(settings, backend, source, limits, table, jobs)
+    engine = build_engine(settings, backend)
     stream: TextIO = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
     with stream:
         if single:
@@ -154,6 +170,28 @@ async def _emit(
     finally:
         await engine.aclose()
     return failed
+
+
+def _fit_jobs(
+    settings: Settings,
+    backend: BackendName | None,
+    source: str,
+    limits: Limits,
+    table: bool,
+    jobs: int,
+) -> int:
+    from worker.fitjobs import fit_parallel
+    from worker.render.table import render_table
+
+    def fmt(result: FitResult) -> str:
+        return (render_table(result) if table else _dump(result, False)) + "\n"
+
+    with open(source, encoding="utf-8") as stream:
+        for text, _ in fit_parallel(
+            lambda: build_engine(settings, backend), stream, limits, fmt, jobs
+        ):
+            sys.stdout.write(text)
+    return 0
 
 
 def _dump(result: FitResult, pretty: bool) -> str:

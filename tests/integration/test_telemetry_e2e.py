@@ -110,6 +110,24 @@ def worker_command() -> list[str]:
     return [sys.executable, "-c", SHIM]
 
 
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """The worker process, stdout and stderr (its JSON log) into `log_path`."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            worker_command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, as an orchestrator would: the worker drains, flushes telemetry and exits."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
 def hot_request(i: int) -> dict[str, Any]:
     """Overflows a 600-token window: >90% utilization, history and the top chunk dropped."""
     c = CANARY
@@ -247,10 +265,7 @@ async def test_trace_tokens_and_sustained_alerts_end_to_end(
             }
         )
         stderr_path = tmp_path / "worker.stderr"
-        with open(stderr_path, "wb") as stderr:
-            proc = subprocess.Popen(
-                worker_command(), cwd=ROOT, env=env, stdout=stderr, stderr=subprocess.STDOUT
-            )
+        proc = start_worker(env, stderr_path)
         try:
             async with Reader(kafka_bootstrap, [results, alerts]) as reader:
                 await reader.until(
@@ -267,12 +282,7 @@ async def test_trace_tokens_and_sustained_alerts_end_to_end(
                 )
                 await reader.drain(2.0)  # would a flood follow? give it the chance
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
+            code = await asyncio.to_thread(stop_worker, proc)
         log_text = stderr_path.read_text(encoding="utf-8", errors="replace")
         assert code == 0, log_text[-4000:]
     finally:

@@ -268,14 +268,15 @@ async def test_sigterm_drains_commits_and_restart_reprocesses_nothing(
     committed offsets match the results out) and exits 0. The next worker starts there: no
     request is processed twice, none is lost."""
     names = await kit.make_names(make_topics, partitions=3)
-    n = 90
-    with support("anthropic_server").AnthropicServer(latency=0.3) as count_api:
+    n = 60
+    with support("anthropic_server").AnthropicServer(latency=0.2) as count_api:
         settings = kit.settings_for(
             kafka_bootstrap,
             names,
             delivery=delivery,
             health_port=kit.free_port(),
             anthropic_base_url=count_api.base_url,
+            max_in_flight=6,
         )
         first = kit.WorkerProcess(settings, tmp_path / "first.log")
         second = None
@@ -300,8 +301,10 @@ async def test_sigterm_drains_commits_and_restart_reprocesses_nothing(
                     if s.offset < committed.get(s.partition, 0)
                 }
                 assert before == expected_before
-                drained = re.search(r"draining (\d+) in-flight", first.log_path.read_text())
-                assert drained and int(drained[1]) > 0, "nothing was in flight at SIGTERM"
+                log = first.log_path.read_text()
+                held = re.search(r"draining (\d+) in-flight", log)
+                assert held and int(held[1]) > 0, "nothing was in flight at SIGTERM"
+                assert f"drained: {held[1]} records finished, 0 cut off" in log
 
                 second = kit.WorkerProcess(settings, tmp_path / "second.log")
                 await r.wait_for(lambda: len(set(r.ids(names.results))) >= n, 90)

@@ -270,12 +270,12 @@ class OtlpGrpcReceiver(_Store):
 
         store = self
 
-        class Traces(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
             def Export(self, request: Any, context: Any) -> Any:
                 store.add("/v1/traces", request.SerializeToString())
                 return trace_pb.ExportTraceServiceResponse()
 
-        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):  # type: ignore[misc]
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
             def Export(self, request: Any, context: Any) -> Any:
                 store.add("/v1/metrics", request.SerializeToString())
                 return metrics_pb.ExportMetricsServiceResponse()

@@ -12,11 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None
-        ) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args], input=stdin, capture_output=True, text=True,
-        cwd=ROOT, timeout=120, env=env, check=False,
+        [sys.executable, "-m", "worker", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env=env,
+        check=False,
     )
 
 
@@ -49,7 +56,8 @@ def test_fit_jsonl_keeps_input_order_and_reports_bad_lines(tmp_path: Path) -> No
     assert out[2]["error"]["code"] == "invalid_request"
     assert "surprise" in out[4]["error"]["message"]
     assert out[5]["error"] == {
-        "code": "counting_unavailable", "retriable": True,
+        "code": "counting_unavailable",
+        "retriable": True,
         "message": out[5]["error"]["message"],
     }
 
@@ -65,8 +73,7 @@ def test_fit_reads_stdin_and_estimates_claude_when_told_to() -> None:
 
 
 def test_fit_table_shows_bars_drops_and_alerts(tmp_path: Path) -> None:
-    doc = _req(1, chunks=[{"id": "huge", "text": "z " * 5000}],
-               budget={"max_context_tokens": 1000})
+    doc = _req(1, chunks=[{"id": "huge", "text": "z " * 5000}], budget={"max_context_tokens": 1000})
     src = tmp_path / "one.json"
     src.write_text(json.dumps(doc), encoding="utf-8")
     proc = run("fit", str(src), "--table")
@@ -89,8 +96,7 @@ def test_schemas_in_repo_match_the_models() -> None:
     assert proc.returncode == 0, proc.stdout
 
 
-@pytest.mark.parametrize("name", ["request.json", "result.json", "alert.json",
-                                  "dead-letter.json"])
+@pytest.mark.parametrize("name", ["request.json", "result.json", "alert.json", "dead-letter.json"])
 def test_schema_drift_is_detected(tmp_path: Path, name: str) -> None:
     assert run("schemas", "--out", str(tmp_path)).returncode == 0
     path = tmp_path / name
@@ -98,3 +104,25 @@ def test_schema_drift_is_detected(tmp_path: Path, name: str) -> None:
     proc = run("schemas", "--check", "--out", str(tmp_path))
     assert proc.returncode == 1
     assert name in proc.stdout
+
+
+def test_fit_jobs_gives_the_same_results_in_the_same_order(tmp_path: Path) -> None:
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    lines = [
+        json.dumps(_req(i, history=history[: i % 3], chunks=[{"id": "c", "text": f"t{i % 5}"}]))
+        for i in range(150)
+    ]
+    src = tmp_path / "many.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    one = run("fit", "--jobs", "1", str(src))
+    two = run("fit", "--jobs", "2", str(src))
+    assert one.returncode == two.returncode == 0, two.stderr
+
+    def strip(out: str) -> list[dict[str, object]]:
+        docs = [json.loads(line) for line in out.splitlines()]
+        for d in docs:
+            d.pop("cache")  # hits and misses depend on which process saw a piece first
+        return docs
+
+    assert [d["request_id"] for d in strip(two.stdout)] == [f"r{i}" for i in range(150)]
+    assert strip(one.stdout) == strip(two.stdout)

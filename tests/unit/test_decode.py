@@ -46,8 +46,7 @@ def test_content_is_not_echoed_in_errors() -> None:
     [
         (Limits(max_request_bytes=100), {**BASE, "system": "s" * 200}),
         (Limits(max_chunks=2), {**BASE, "chunks": [{"id": str(i), "text": "t"} for i in range(3)]}),
-        (Limits(max_history_turns=1),
-         {**BASE, "history": [{"role": "user", "content": "a"}] * 2}),
+        (Limits(max_history_turns=1), {**BASE, "history": [{"role": "user", "content": "a"}] * 2}),
         (Limits(max_item_chars=10), {**BASE, "query": "q" * 11}),
     ],
     ids=["bytes", "chunks", "turns", "item-chars"],

@@ -21,8 +21,13 @@ def _msgs(result: Any) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize(
     ("model", "enc"),
-    [("gpt-4o", "o200k_base"), ("gpt-4.1-mini", "o200k_base"), ("gpt-4", "cl100k_base"),
-     ("gpt-3.5-turbo-0125", "cl100k_base"), ("gpt-5", "o200k_base")],
+    [
+        ("gpt-4o", "o200k_base"),
+        ("gpt-4.1-mini", "o200k_base"),
+        ("gpt-4", "cl100k_base"),
+        ("gpt-3.5-turbo-0125", "cl100k_base"),
+        ("gpt-5", "o200k_base"),
+    ],
 )
 def test_total_equals_the_cookbook_count_of_the_emitted_payload(
     engine: Engine, make_request: MakeRequest, model: str, enc: str
@@ -60,11 +65,14 @@ def test_every_dropped_item_is_reported_with_its_tokens(
     long = "word " * 400
     history = []
     for i in range(6):
-        history += [{"role": "user", "content": f"q{i} {long}"},
-                    {"role": "assistant", "content": f"a{i} {long}"}]
+        history += [
+            {"role": "user", "content": f"q{i} {long}"},
+            {"role": "assistant", "content": f"a{i} {long}"},
+        ]
     chunks = [{"id": f"c{i}", "text": f"{i} {long}"} for i in range(8)]
-    req = make_request(history=history, chunks=chunks,
-                       budget={"max_context_tokens": 4000, "output_reserve": 400})
+    req = make_request(
+        history=history, chunks=chunks, budget={"max_context_tokens": 4000, "output_reserve": 400}
+    )
     [result] = engine.fit_many([req])
     assert result.usage is not None
     assert result.usage.total_tokens <= 3600
@@ -83,8 +91,11 @@ def test_every_dropped_item_is_reported_with_its_tokens(
 def test_duplicate_and_empty_chunks_are_sent_once_and_reported(
     engine: Engine, make_request: MakeRequest
 ) -> None:
-    chunks = [{"id": "a", "text": "same text"}, {"id": "b", "text": "same text"},
-              {"id": "c", "text": "   "}]
+    chunks = [
+        {"id": "a", "text": "same text"},
+        {"id": "b", "text": "same text"},
+        {"id": "c", "text": "   "},
+    ]
     [result] = engine.fit_many([make_request(chunks=chunks)])
     final = result.messages[-1].content
     assert final.count("same text") == 1
@@ -156,11 +167,16 @@ def test_profiles_shape_the_split(engine: Engine, make_request: MakeRequest) -> 
     history = [{"role": r, "content": turn} for r in ["user", "assistant"] * 10]
     chunks = [{"id": f"c{i}", "text": f"{i} " + "fact " * 200} for i in range(20)]
     common = {"max_context_tokens": 8000, "reflow": False}
-    rag, support = engine.fit_many([
-        make_request(history=history, chunks=chunks, budget={**common, "profile": "rag-chatbot"}),
-        make_request(history=history, chunks=chunks,
-                     budget={**common, "profile": "support-agent"}),
-    ])
+    rag, support = engine.fit_many(
+        [
+            make_request(
+                history=history, chunks=chunks, budget={**common, "profile": "rag-chatbot"}
+            ),
+            make_request(
+                history=history, chunks=chunks, budget={**common, "profile": "support-agent"}
+            ),
+        ]
+    )
     assert rag.usage is not None and support.usage is not None
     assert rag.usage.context > support.usage.context
     assert support.usage.history > rag.usage.history
@@ -169,8 +185,10 @@ def test_profiles_shape_the_split(engine: Engine, make_request: MakeRequest) -> 
 
 
 def test_repeated_pieces_hit_the_cache(engine: Engine, make_request: MakeRequest) -> None:
-    history = [{"role": "user", "content": "first turn"},
-               {"role": "assistant", "content": "first reply"}]
+    history = [
+        {"role": "user", "content": "first turn"},
+        {"role": "assistant", "content": "first reply"},
+    ]
     req = make_request(history=history)
     engine.fit_many([req])
     before = engine.cache.stats()

@@ -26,8 +26,7 @@ def test_counts_with_the_network_unplugged(monkeypatch: pytest.MonkeyPatch) -> N
         vocab.encoding.cache_clear()
 
 
-def test_a_tampered_vocabulary_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                          ) -> None:
+def test_a_tampered_vocabulary_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     good = vocab.vocab_path("cl100k_base").read_bytes()
     (tmp_path / "cl100k_base.tiktoken").write_bytes(good.replace(b" 0\n", b" 1\n", 1))
     monkeypatch.setattr(vocab, "VOCAB_DIR", tmp_path)

@@ -355,10 +355,12 @@ class Flow:
         await self._close(parts)
         log.info("revoked %s", _fmt_tps(p.tp for p in parts))
 
-    async def _settle(self, parts: Sequence[_Partition]) -> None:
+    async def _settle(self, parts: Sequence[_Partition]) -> tuple[int, int]:
+        """Wait for the partitions' records, cancel what is left at the deadline; returns
+        (finished, cut off)."""
         tasks = {t for p in parts for t in p.tasks}
         if not tasks:
-            return
+            return 0, 0
         _, pending = await asyncio.wait(tasks, timeout=self._limits.settle_timeout_s)
         if pending:
             log.warning(
@@ -370,6 +372,7 @@ class Flow:
             for t in pending:
                 t.cancel()
             await asyncio.wait(pending, timeout=SETTLE_AFTER_CANCEL_S)
+        return len(tasks) - len(pending), len(pending)
 
     async def _close(self, parts: Sequence[_Partition]) -> None:
         tps = [p.tp for p in parts]
@@ -394,8 +397,9 @@ class Flow:
         self._draining = True
         self._backpressure()
         parts = list(self._parts.values())
-        await self._settle(parts)
+        finished, cut_off = await self._settle(parts)
         await self._close(parts)
+        log.info("drained: %d records finished, %d cut off", finished, cut_off)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
