@@ -42,7 +42,17 @@ class Pending:
 
     def result(self) -> tuple[list[int], int, int]:
         """(counts in input order, cache hits, misses); blocks until the parts are counted."""
-        values = [r if isinstance(r, int) else r[0].result()[r[1]] for r in self.refs]
+        parts: dict[int, list[int]] = {}
+        values: list[int] = []
+        for r in self.refs:
+            if isinstance(r, int):
+                values.append(r)
+                continue
+            fut, j = r
+            part = parts.get(id(fut))
+            if part is None:
+                part = parts[id(fut)] = fut.result()
+            values.append(part[j])
         self.counter._settle(self.owned)
         found = iter(values)
         counts = [next(found) if t else 0 for t in self.texts]
