@@ -163,6 +163,7 @@ async def serve(
     health = HealthServer(settings.health_host, settings.health_port, flow.ready)
     started: list[str] = []
     try:
+        await _warm(engine)
         await sink.start()
         started.append("sink")
         await consumer.start()
@@ -194,6 +195,22 @@ async def serve(
         return 1
     log.info("worker stopped cleanly")
     return 0
+
+
+async def _warm(engine: Engine) -> None:
+    """Load the local vocabularies before joining the group (seconds each), so the first
+    requests of a ready worker do not wait for them."""
+    began = time.perf_counter()
+    names = sorted(
+        {
+            m.encoding
+            for m in engine.catalog.models.values()
+            if m.provider == "openai" and m.encoding
+        }
+    )
+    for name in names:
+        await asyncio.to_thread(engine.local, name)
+    log.info("vocabularies %s loaded in %.1f s", ", ".join(names), time.perf_counter() - began)
 
 
 async def _quietly(what: str, step: Awaitable[object]) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,7 @@ from worker.settings import Settings
 
 if TYPE_CHECKING:
     from worker.count.anthropic_api import AnthropicCounter
+    from worker.telemetry.hooks import Telemetry
 
 
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024
@@ -110,9 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(reference_table())
             return 0
         if args.cmd == "worker":
-            from worker.app import run_worker
-
-            return run_worker(Settings())
+            return _worker(Settings())
         if args.cmd == "dlq":
             from worker.dlq import run_dlq
 
@@ -137,13 +137,24 @@ def _fit(source: str, table: bool, backend: BackendName | None, jobs: int) -> in
         if jobs > 1:
             return _fit_jobs(settings, backend, source, limits, table, jobs)
     engine = build_engine(settings, backend)
+    from worker.telemetry.logs import configure_logging
+    from worker.telemetry.otel import build_telemetry
+
+    configure_logging("WARNING", json_lines=settings.log_format == "json")  # stdout is data
+    telemetry = build_telemetry(catalog=engine.catalog)
     stream: TextIO = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
     with stream:
         if single:
             lines: list[str] | TextIO = [stream.read().replace("\n", " ")]
         else:
             lines = stream
-        failed = asyncio.run(_emit(engine, lines, limits, out, table, pretty=single))
+        try:
+            with telemetry.run():
+                failed = asyncio.run(
+                    _emit(engine, lines, limits, out, table, pretty=single, telemetry=telemetry)
+                )
+        finally:
+            telemetry.shutdown()
     return 1 if failed and single else 0
 
 
@@ -154,13 +165,18 @@ async def _emit(
     out: TextIO,
     table: bool,
     pretty: bool,
+    telemetry: Telemetry,
 ) -> int:
     from worker.fitfile import fit_lines
     from worker.render.table import render_table
 
     failed = 0
+    last = time.perf_counter()
     try:
         async for result in fit_lines(engine, lines, limits):
+            now = time.perf_counter()
+            telemetry.on_result(None, result, now - last)
+            last = now
             failed += result.status != "ok"
             if table:
                 out.write(render_table(result))
@@ -170,6 +186,31 @@ async def _emit(
     finally:
         await engine.aclose()
     return failed
+
+
+def _worker(settings: Settings) -> int:
+    from worker.app import run_worker
+    from worker.telemetry.logs import configure_logging
+    from worker.telemetry.otel import build_telemetry
+    from worker.telemetry.sustained import SustainedConfig
+
+    configure_logging(settings.log_level, json_lines=settings.log_format == "json")
+    telemetry = build_telemetry(
+        catalog=load_catalog(settings.config_dir),
+        max_attribute_values=settings.telemetry_max_attribute_values,
+        sustained=SustainedConfig(
+            window_requests=settings.sustained_window_requests,
+            window_seconds=settings.sustained_window_s,
+            min_requests=settings.sustained_min_requests,
+            share_limit=settings.sustained_share_limit,
+            clear_below=settings.sustained_clear_below,
+            max_keys=settings.sustained_max_keys,
+        ),
+    )
+    try:
+        return run_worker(settings, telemetry)
+    finally:
+        telemetry.shutdown()  # flushes spans and a last metric export
 
 
 def _fit_jobs(

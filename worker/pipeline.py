@@ -35,6 +35,7 @@ from worker.render.models import (
     Usage,
 )
 from worker.request.models import AssemblyRequest
+from worker.telemetry.otel import stage
 
 if TYPE_CHECKING:  # the SDK takes over a second to import: only Claude requests pay for it
     from worker.count.anthropic_api import AnthropicCounter
@@ -81,6 +82,11 @@ class Engine:
     on_unavailable: OnUnavailable = "fail"
     _local: dict[str, LocalCounter] = field(default_factory=dict)
     _anthropic: AnthropicCounter | None = None
+
+    @property
+    def anthropic_started(self) -> AnthropicCounter | None:
+        """The Claude counter if one was created (metrics read it without creating one)."""
+        return self._anthropic
 
     @property
     def anthropic(self) -> AnthropicCounter | None:
@@ -168,15 +174,18 @@ class Engine:
         on the counting threads and is awaited.
         """
         try:
-            p = self.prepare(req)
+            with stage("prepare"):
+                p = self.prepare(req)
         except TokenheapError as exc:
             return error_result(req.request_id, req.model, exc, req)
         if p.info.provider == "anthropic":
             return await self._fit_anthropic(p)
-        started = self._start(p)
-        for fut in started.pending.futures:
-            await asyncio.wrap_future(fut)
-        return self.finish(started)
+        with stage("count", texts=len(p.texts)):
+            started = self._start(p)
+            for fut in started.pending.futures:
+                await asyncio.wrap_future(fut)
+        with stage("allocate"):
+            return self.finish(started)
 
     # -- Claude: the count API, confirmed ----------------------------------------------
 
@@ -199,20 +208,22 @@ class Engine:
         model = p.req.model
         nonempty = [t for t in p.texts if t]
         calls_before = api.calls
-        got = dict(zip(nonempty, await api.count_texts(model, nonempty), strict=True))
+        with stage("count", texts=len(nonempty)):
+            got = dict(zip(nonempty, await api.count_texts(model, nonempty), strict=True))
         counts = [got.get(t, 0) if t else 0 for t in p.texts]
         costs = Costs.of(p.layout, counts, CLAUDE_FRAMING, {})
         wants = costs.wants(p.layout, p.budget.budget_tokens)
         policy = policy_for(p.req, p.profile, p.budget)
         plan = allocate(wants, policy)
         slack = 0
-        for _ in range(CONFIRM_ROUNDS):
+        for round_ in range(CONFIRM_ROUNDS):
             messages = p.layout.render(plan)
-            confirmed = await api.count_payload(
-                model,
-                p.layout.system or None,
-                [m.model_dump(include={"role", "content"}) for m in messages],
-            )
+            with stage("confirm", round=round_):
+                confirmed = await api.count_payload(
+                    model,
+                    p.layout.system or None,
+                    [m.model_dump(include={"role", "content"}) for m in messages],
+                )
             if confirmed <= p.budget.budget_tokens:
                 use = CacheUse(hits=0, misses=api.calls - calls_before)
                 return self._result(

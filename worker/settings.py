@@ -91,6 +91,35 @@ class Settings(BaseSettings):
         description="When the count API cannot answer: a retriable error, or an estimate",
     )
 
+    # Telemetry (OpenTelemetry itself is configured by the standard OTEL_* variables)
+    sustained_window_requests: int = Field(
+        100,
+        ge=0,
+        description="Sustained alert: last N requests per tenant/pipeline/model (0: time only)",
+    )
+    sustained_min_requests: int = Field(
+        20, ge=1, description="Sustained alert: fewest requests to judge"
+    )
+    sustained_share_limit: float = Field(
+        0.5, gt=0, le=1, description="Sustained alert: over-threshold share that raises"
+    )
+    sustained_clear_below: float = Field(
+        0.25, ge=0, lt=1, description="Sustained alert: share under which it clears"
+    )
+    sustained_window_s: float | None = Field(
+        None, gt=0, description="Sustained alert: time window, seconds"
+    )
+    sustained_max_keys: int = Field(
+        10_000, ge=1, description="Sustained alert: keys tracked at once"
+    )
+    telemetry_max_attribute_values: int = Field(
+        100, ge=1, description="Distinct tenant/pipeline/model values per metric before _other"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="JSON lines with trace ids, or text"
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

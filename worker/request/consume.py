@@ -165,9 +165,9 @@ class Flow:
         while not stop.is_set() and self.failure is None:
             capacity = self._limits.max_in_flight - self._in_flight
             if capacity > 0:
-                batch = await self._consumer.getmany(
-                    timeout_ms=POLL_MS, max_records=min(capacity, MAX_BATCH)
-                )
+                batch = await self._fetch(stop, min(capacity, MAX_BATCH))
+                if batch is None:
+                    break
                 self._dispatch(batch)
             else:
                 self._wake.clear()
@@ -177,6 +177,24 @@ class Flow:
             if loop.time() >= next_commit:
                 await self._commit(list(self._parts))
                 next_commit = loop.time() + self._limits.commit_interval_s
+
+    async def _fetch(
+        self, stop: asyncio.Event, max_records: int
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] | None:
+        """One getmany, abandoned if `stop` comes first (a fetch blocks for as long as a
+        rebalance takes); None when stopped."""
+        fetch = asyncio.ensure_future(
+            self._consumer.getmany(timeout_ms=POLL_MS, max_records=max_records)
+        )
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not fetch.done():
+            fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fetch
+            return None
+        return fetch.result()  # type: ignore[no-any-return]
 
     def _dispatch(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         for tp, records in batch.items():
