@@ -49,8 +49,10 @@ def seed(lines: list[str]) -> None:
             *kept_history,
             {"role": "user", "content": "\n\n".join(context) + "\n\n" + req["query"]},
         ]
-        out.write(json.dumps({"request_id": req["request_id"], "messages": messages,
-                              "tokens": used}) + "\n")
+        out.write(
+            json.dumps({"request_id": req["request_id"], "messages": messages, "tokens": used})
+            + "\n"
+        )
 
 
 def langchain(lines: list[str]) -> None:
@@ -78,11 +80,18 @@ def langchain(lines: list[str]) -> None:
             msgs.append(cls(m["content"]))
         msgs.append(HumanMessage(context + "\n\n" + req["query"]))
         trimmed = trim_messages(
-            msgs, max_tokens=window - int(window * 0.10), token_counter=counter,
-            strategy="last", include_system=True, allow_partial=False, start_on="human",
+            msgs,
+            max_tokens=window - int(window * 0.10),
+            token_counter=counter,
+            strategy="last",
+            include_system=True,
+            allow_partial=False,
+            start_on="human",
         )
-        out.write(json.dumps({"request_id": req["request_id"],
-                              "messages": [m.content for m in trimmed]}) + "\n")
+        out.write(
+            json.dumps({"request_id": req["request_id"], "messages": [m.content for m in trimmed]})
+            + "\n"
+        )
 
 
 def tiktoken_only(lines: list[str]) -> None:
@@ -90,8 +99,12 @@ def tiktoken_only(lines: list[str]) -> None:
     total = 0
     for line in lines:
         req = json.loads(line)
-        texts = [req["system"], req["query"], *(m["content"] for m in req["history"]),
-                 *(c["text"] for c in req["chunks"])]
+        texts = [
+            req["system"],
+            req["query"],
+            *(m["content"] for m in req["history"]),
+            *(c["text"] for c in req["chunks"]),
+        ]
         total += sum(len(enc.encode_ordinary(t)) for t in texts)
     sys.stdout.write(f"{total}\n")
 
@@ -102,14 +115,22 @@ def tiktoken_batch(lines: list[str]) -> None:
     texts: list[str] = []
     for line in lines:
         req = json.loads(line)
-        texts += [req["system"], req["query"], *(m["content"] for m in req["history"]),
-                  *(c["text"] for c in req["chunks"])]
+        texts += [
+            req["system"],
+            req["query"],
+            *(m["content"] for m in req["history"]),
+            *(c["text"] for c in req["chunks"]),
+        ]
     total = sum(map(len, enc.encode_ordinary_batch(texts, num_threads=2)))
     sys.stdout.write(f"{total}\n")
 
 
-KINDS = {"seed": seed, "langchain": langchain, "tiktoken": tiktoken_only,
-         "tiktoken-batch": tiktoken_batch}
+KINDS = {
+    "seed": seed,
+    "langchain": langchain,
+    "tiktoken": tiktoken_only,
+    "tiktoken-batch": tiktoken_batch,
+}
 
 if __name__ == "__main__":
     kind, path = sys.argv[1], sys.argv[2]

@@ -49,8 +49,11 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--chunks", type=int, default=16)
     args = ap.parse_args()
-    kw = {"conversations": args.conversations, "turns": args.turns,
-          "chunks_per_request": args.chunks}
+    kw = {
+        "conversations": args.conversations,
+        "turns": args.turns,
+        "chunks_per_request": args.chunks,
+    }
     reuse = write("reuse", DATA / "reuse.jsonl", **kw)
     cold = write("cold", DATA / "cold.jsonl", **kw)
     n = args.conversations * args.turns

@@ -76,8 +76,7 @@ def build(
             question = paras[(c * 31 + turn * 7) % len(paras)]
             if fresh:
                 history = [
-                    {"role": m["role"], "content": text.take(len(m["content"]))}
-                    for m in convs[c]
+                    {"role": m["role"], "content": text.take(len(m["content"]))} for m in convs[c]
                 ]
                 chunks = [
                     {"id": f"fresh-{text.n}-{k}", "text": text.take(rng.randint(600, 2400))}

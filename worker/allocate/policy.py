@@ -24,7 +24,7 @@ def allocate(wants: Wants, policy: Policy) -> Plan:
     >>> plan = allocate(Wants(budget=100, fixed=20, history=(30, 30, 30), chunks=(50, 10)),
     ...                 Policy(history_cap=30, context_cap=55))
     >>> plan.history_kept, plan.chunks_kept, plan.total
-    (1, (0, 1), 100)
+    (1, (0,), 100)
     """
     if wants.fixed > wants.budget:
         raise OverBudget(
