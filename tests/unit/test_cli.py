@@ -126,3 +126,10 @@ def test_fit_jobs_gives_the_same_results_in_the_same_order(tmp_path: Path) -> No
 
     assert [d["request_id"] for d in strip(two.stdout)] == [f"r{i}" for i in range(150)]
     assert strip(one.stdout) == strip(two.stdout)
+
+
+def test_readme_settings_reference_matches_the_settings_model() -> None:
+    proc = run("config-docs")
+    assert proc.returncode == 0
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert proc.stdout.strip() in readme, "README is stale: paste `tokenheap config-docs`"
