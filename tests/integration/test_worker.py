@@ -16,9 +16,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from worker.cli import build_engine
 from worker.dlq import list_dead_letters, replay_dead_letters
+from worker.publish.produce import transactional_id
 
 
 def _load(path: Path) -> ModuleType:
@@ -351,3 +353,41 @@ async def test_two_workers_share_partitions_and_rebalances_lose_nothing(
     _no_duplicates(ids)
     assert a_seen.processed and b_seen.processed
     assert 0 < len(b_partitions_while_shared) < 4
+
+
+async def test_a_fenced_partition_stops_the_worker_and_nothing_is_duplicated(
+    kafka_bootstrap: str, make_topics: MakeTopics
+) -> None:
+    """Exactly-once: a new producer registering a partition's transactional id (what its next
+    owner does) fences the worker's producer for it. The worker must not write another
+    result for that partition: it stops with exit code 1, its open transaction is aborted,
+    and the next worker produces every result exactly once."""
+    names = await kit.make_names(make_topics, partitions=2)
+    n = 120
+    settings = kit.settings_for(
+        kafka_bootstrap, names, delivery="exactly-once", health_port=kit.free_port()
+    )
+    async with kit.Reader(
+        kafka_bootstrap, [names.results], names.partitions, committed_only=True
+    ) as r:
+        first = kit.InProcessWorker(settings)
+        await first.wait_ready()
+        stream = kit.stream(kafka_bootstrap, names.requests, n, partitions=2, pace_s=0.02)
+        await r.wait_for(lambda: len(r.on(names.results)) >= 20)
+        tp = TopicPartition(names.requests, 0)
+        usurper = AIOKafkaProducer(
+            bootstrap_servers=kafka_bootstrap, transactional_id=transactional_id(names.group, tp)
+        )
+        await usurper.start()  # InitProducerId: bumps the epoch, aborts the open transaction
+        assert not stream.done(), "the stream ended before the fence; slow it down"
+        try:
+            assert await first.wait(60) == 1
+        finally:
+            await usurper.stop()
+        async with kit.InProcessWorker(settings):
+            await stream
+            await r.wait_for(lambda: len(set(r.ids(names.results))) >= n, 60)
+            await asyncio.sleep(1.0)
+    ids = r.ids(names.results)
+    assert set(ids) == {kit.request_id(i) for i in range(n)}
+    _no_duplicates(ids)

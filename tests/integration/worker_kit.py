@@ -334,8 +334,23 @@ class InProcessWorker:
 
     async def stop(self, timeout_s: float = 60.0) -> int:
         self.stop_event.set()
+        return await self.wait(timeout_s)
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until /readyz answers 200 (needs a health port in the settings)."""
         async with asyncio.timeout(timeout_s):
-            return await self._task
+            while True:
+                if self._task.done():
+                    raise AssertionError(f"the worker stopped: {self._task.result()}")
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    if await http_status(self.settings.health_port, "/readyz") == 200:
+                        return
+                await asyncio.sleep(0.1)
+
+    async def wait(self, timeout_s: float) -> int:
+        """The exit code, once `serve()` returns by itself (or is stopped)."""
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.shield(self._task)
 
     async def __aenter__(self) -> InProcessWorker:
         return self

@@ -362,6 +362,9 @@ class TransactionalPublisher:
                     await txn.producer.send_offsets_to_transaction({tp: offset}, self._group_id)
                 await txn.producer.commit_transaction()
             except Exception as exc:
+                # Poisoned: the ledger counts the aborted records as done, so nothing more
+                # may be sent or committed for this partition by this process.
+                txn.closed = True
                 await self._abort_quietly(tp, txn)
                 raise TransactionFailed(
                     f"{tp.topic}[{tp.partition}]: transaction commit failed "

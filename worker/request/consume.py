@@ -205,11 +205,11 @@ class Flow:
                 if part is None and tp in self._consumer.assignment():
                     self._consumer.seek(tp, records[0].offset)
                 continue
-            room = self._limits.max_in_flight_per_partition - len(part.tasks)
+            room = max(0, self._limits.max_in_flight_per_partition - len(part.tasks))
             for record in records[:room]:
                 self._start(part, record)
             if room < len(records):  # over the partition's bound: fetch the rest again later
-                self._consumer.seek(tp, records[max(room, 0)].offset)
+                self._consumer.seek(tp, records[room].offset)
                 self._consumer.pause(tp)
                 self._paused.add(tp)
 
@@ -297,17 +297,22 @@ class Flow:
 
     # -- commits ------------------------------------------------------------------------
 
-    async def _commit(self, tps: Iterable[TopicPartition]) -> None:
+    async def _commit(self, tps: Iterable[TopicPartition], *, fatal: bool = True) -> None:
         """Commit the ledger's offsets of `tps`: explicitly through the consumer (at least
-        once) or inside each partition's transaction (exactly once)."""
+        once) or inside each partition's transaction (exactly once). A failed transaction
+        poisons its partition, so the worker stops (`fatal`) unless the partitions are being
+        released anyway: their next owner reads the aborted records again."""
         live = [tp for tp in tps if tp in self._parts and not self._parts[tp].torn]
         if not live:
             return
         if self._sink.commits_offsets:
             try:
                 committed = await self._sink.commit(live, self._ledger.next_offset)
-            except Exception as exc:  # its partition is poisoned; stop
-                self._fail(exc)
+            except Exception as exc:
+                if fatal:
+                    self._fail(exc)
+                else:
+                    log.warning("final commit failed: %s: %s", type(exc).__name__, exc)
                 return
         else:
             due = self._ledger.due()
@@ -395,7 +400,7 @@ class Flow:
     async def _close(self, parts: Sequence[_Partition]) -> None:
         tps = [p.tp for p in parts]
         try:
-            await self._commit(tps)
+            await self._commit(tps, fatal=False)
             for p in parts:
                 if p.torn:
                     await self._sink.abort(p.tp)

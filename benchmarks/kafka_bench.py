@@ -1,0 +1,491 @@
+"""The worker on Kafka: throughput and end-to-end latency, against a bare aiokafka
+consume -> produce passthrough on the same broker, topics layout and messages; and 1 vs 2
+worker processes.
+
+    python -m benchmarks.kafka_bench [--requests 8000] [--latency-requests 1000]
+
+It starts its own single-node broker (ops/kafka/broker.py). Requests are built from real
+text (benchmarks/corpus.py): a shared system prompt, 6 history turns, 8 retrieved chunks and
+a query, about 12 KB each, model gpt-4o (counted locally).
+
+throughput  N requests are loaded first, then the system starts; the rate counts outputs from
+            the moment every process owns partitions (group joins and the rebalance a
+            second worker causes do not count) up to 90% of them (nor does the tail).
+latency     the system runs idle, then requests arrive at a fixed rate (half the slowest
+            system's throughput, the same for all); time from send to the output arriving
+            at a reader in this process.
+Every system processes with at-least-once semantics (acked produce, then commit). Figures
+are machine-bound (2 cores share the broker, the systems and this driver): quote ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.corpus import passage  # noqa: E402
+
+PARTITIONS = 6
+READY_TIMEOUT_S = 90.0
+RUN_TIMEOUT_S = 600.0
+
+
+# -- workload ---------------------------------------------------------------------------
+
+
+def build_request(i: int, prefix: str = "bench") -> bytes:
+    """A realistic RAG request: shared system prompt, history, ranked chunks, a query."""
+    history = [
+        {"role": "user" if k % 2 == 0 else "assistant", "content": passage(i * 7 + k, 300)}
+        for k in range(6)
+    ]
+    chunks = [
+        {"id": f"doc-{(i * 11 + k) % 997}", "text": passage(i * 11 + k + 400, 1200)}
+        for k in range(8)
+    ]
+    doc = {
+        "request_id": f"{prefix}-{i:06d}",  # also the message key: results are keyed by it
+        "model": "gpt-4o",
+        "system": passage(3, 600),
+        "history": history,
+        "chunks": chunks,
+        "query": passage(i * 5 + 900, 160)[:200],
+        "budget": {"max_context_tokens": 8192},
+    }
+    return json.dumps(doc).encode()
+
+
+# -- broker helpers ---------------------------------------------------------------------
+
+
+def load_broker() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "tokenheap_ops_kafka_broker", ROOT / "ops" / "kafka" / "broker.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+async def create_topics(bootstrap: str, names: Sequence[str], partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+        async with asyncio.timeout(30):
+            while True:
+                described = await admin.describe_topics(list(names))
+                if all(
+                    t["error_code"] == 0
+                    and len(t["partitions"]) == partitions
+                    and all(p["leader"] >= 0 for p in t["partitions"])
+                    for t in described
+                ):
+                    return
+                await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+
+
+async def produce_all(bootstrap: str, topic: str, values: Sequence[bytes]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, enable_idempotence=True, max_batch_size=256 * 1024
+    )
+    await producer.start()
+    try:
+        futures = []
+        for i, value in enumerate(values):
+            key = f"bench-{i:06d}".encode()
+            futures.append(await producer.send(topic, value, key=key, partition=i % PARTITIONS))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def produce_paced(
+    bootstrap: str,
+    topic: str,
+    values: Sequence[bytes],
+    rate: float,
+    sent_at: dict[bytes, float],
+    prefix: str,
+) -> None:
+    """Open loop: message i leaves at start + i / rate, whatever the system does."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True)
+    await producer.start()
+    try:
+        futures = []
+        start = time.perf_counter()
+        for i, value in enumerate(values):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            key = f"{prefix}-{i:06d}".encode()
+            sent_at[key] = time.perf_counter()
+            futures.append(await producer.send(topic, value, key=key, partition=i % PARTITIONS))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+class Arrivals:
+    """Reads the output topic from the beginning; when each key first arrived."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        self._tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        self.at: dict[bytes, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Arrivals:
+        await self._consumer.start()
+        self._consumer.assign(self._tps)
+        await self._consumer.seek_to_beginning(*self._tps)
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._consumer.stop()
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=100)
+            now = time.perf_counter()
+            for records in batch.values():
+                for r in records:
+                    self.at.setdefault(r.key, now)
+
+    async def wait(self, count: int) -> None:
+        async with asyncio.timeout(RUN_TIMEOUT_S):
+            while True:
+                if len(self.at) >= count:
+                    return
+                await asyncio.sleep(0.05)
+
+
+# -- the systems ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Topics:
+    src: str
+    dst: str
+    alerts: str
+    dlq: str
+    group: str
+
+
+class System:
+    """`processes` copies of one contender, each a child process."""
+
+    def __init__(self, kind: str, processes: int, bootstrap: str, logs: Path) -> None:
+        self.kind = kind
+        self.processes = processes
+        self.bootstrap = bootstrap
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ports: list[int] = []
+
+    @property
+    def label(self) -> str:
+        name = {"passthrough": "aiokafka passthrough", "worker": "tokenheap worker"}[self.kind]
+        return f"{name} x{self.processes}"
+
+    def start(self, t: Topics) -> None:
+        for n in range(self.processes):
+            log = open(self.logs / f"{self.kind}-{n}-{t.group}.log", "wb")  # noqa: SIM115
+            if self.kind == "worker":
+                port = free_port()
+                self.ports.append(port)
+                env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENHEAP_")}
+                env.update(
+                    TOKENHEAP_BOOTSTRAP_SERVERS=self.bootstrap,
+                    TOKENHEAP_GROUP_ID=t.group,
+                    TOKENHEAP_REQUESTS_TOPIC=t.src,
+                    TOKENHEAP_RESULTS_TOPIC=t.dst,
+                    TOKENHEAP_ALERTS_TOPIC=t.alerts,
+                    TOKENHEAP_DEAD_LETTER_TOPIC=t.dlq,
+                    TOKENHEAP_HEALTH_PORT=str(port),
+                    OTEL_SDK_DISABLED="true",
+                )
+                cmd = [sys.executable, "-m", "worker", "worker"]
+            else:
+                env = dict(os.environ)
+                cmd = [
+                    sys.executable, "-m", "benchmarks.kafka_bench", "passthrough",
+                    "--bootstrap", self.bootstrap, "--src", t.src, "--dst", t.dst,
+                    "--group", t.group, "--ready-file", str(self._ready_file(t, n)),
+                ]  # fmt: skip
+            self.procs.append(
+                subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            )
+            log.close()
+
+    async def ready(self, t: Topics) -> None:
+        """Every process owns partitions (health endpoint / the group's assignment)."""
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            while not await self._all_ready(t):
+                for p in self.procs:
+                    if p.poll() is not None:
+                        raise RuntimeError(f"{self.label} exited {p.returncode}")
+                await asyncio.sleep(0.2)
+
+    async def _all_ready(self, t: Topics) -> bool:
+        if self.kind == "worker":
+            for port in self.ports:
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    if await http_status(port, "/readyz") == 200:
+                        continue
+                return False
+            return True
+        return all(self._ready_file(t, n).exists() for n in range(self.processes))
+
+    def _ready_file(self, t: Topics, n: int) -> Path:
+        return self.logs / f"{t.group}-{n}.ready"
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        self.procs.clear()
+        self.ports.clear()
+
+
+async def http_status(port: int, path: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    line = await reader.readline()
+    writer.close()
+    return int(line.split()[1])
+
+
+# -- measurements -----------------------------------------------------------------------
+
+
+_seq = iter(range(10**6))
+
+
+async def fresh_topics(bootstrap: str) -> Topics:
+    tag = f"{os.getpid()}-{next(_seq)}"
+    t = Topics(f"src-{tag}", f"dst-{tag}", f"alerts-{tag}", f"dlq-{tag}", f"bench-{tag}")
+    await create_topics(bootstrap, [t.src, t.dst, t.alerts, t.dlq], PARTITIONS)
+    return t
+
+
+async def throughput(system: System, values: Sequence[bytes]) -> float:
+    """Requests/s from a preloaded backlog, counted once every process owns partitions
+    (a second worker joining triggers a rebalance) and up to 90% of the outputs."""
+    t = await fresh_topics(system.bootstrap)
+    await produce_all(system.bootstrap, t.src, values)
+    async with Arrivals(system.bootstrap, t.dst) as out:
+        system.start(t)
+        try:
+            await system.ready(t)
+            ready_at = time.perf_counter()
+            await out.wait(len(values))
+        finally:
+            system.stop()
+    times = sorted(out.at.values())
+    start = max(ready_at, times[int(len(times) * 0.1)])
+    end = times[int(len(times) * 0.9)]
+    counted = sum(1 for x in times if start < x <= end)
+    if end - start < 1.0 or counted < len(values) // 4:
+        raise RuntimeError(
+            f"{system.label}: only {counted} outputs after all processes were ready; "
+            "raise --requests"
+        )
+    return counted / (end - start)
+
+
+async def latency(system: System, values: Sequence[bytes], rate: float) -> tuple[float, float]:
+    """(p50, p99) ms from send to output, at a fixed arrival rate, after a warm-up."""
+    t = await fresh_topics(system.bootstrap)
+    sent_at: dict[bytes, float] = {}
+    warm = max(20, len(values) // 10)
+    async with Arrivals(system.bootstrap, t.dst) as out:
+        system.start(t)
+        try:
+            await system.ready(t)
+            warm_values = [build_request(i, "warm") for i in range(warm)]
+            await produce_paced(system.bootstrap, t.src, warm_values, rate, {}, "warm")
+            await out.wait(warm)
+            await produce_paced(system.bootstrap, t.src, values, rate, sent_at, "bench")
+            await out.wait(warm + len(values))
+        finally:
+            system.stop()
+    ms = sorted((out.at[k] - sent_at[k]) * 1000 for k in sent_at)
+    return statistics.median(ms), ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+
+
+@dataclass
+class Row:
+    label: str
+    rate: float = 0.0
+    p50: float = 0.0
+    p99: float = 0.0
+
+
+async def bench(bootstrap: str, n: int, n_latency: int, logs: Path) -> list[Row]:
+    values = [build_request(i) for i in range(n)]
+    size = statistics.mean(len(v) for v in values)
+    print(f"{n} requests, {size / 1024:.1f} KB each on average, {PARTITIONS} partitions")
+    systems = [
+        System("passthrough", 1, bootstrap, logs),
+        System("worker", 1, bootstrap, logs),
+        System("worker", 2, bootstrap, logs),
+    ]
+    rows = [Row(s.label) for s in systems]
+    for system, row in zip(systems, rows, strict=True):
+        row.rate = await throughput(system, values)
+        print(f"  throughput  {system.label:<26} {row.rate:8.0f} req/s")
+    rate = 0.5 * min(r.rate for r in rows)
+    print(f"latency at {rate:.0f} req/s (half the slowest throughput)")
+    for system, row in zip(systems, rows, strict=True):
+        row.p50, row.p99 = await latency(system, values[:n_latency], rate)
+        print(f"  latency     {system.label:<26} p50 {row.p50:7.1f} ms  p99 {row.p99:7.1f} ms")
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    base = rows[0]
+    lines = [
+        "| system | req/s | vs passthrough | p50 ms | p99 ms | p50 vs passthrough |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.label} | {r.rate:.0f} | {r.rate / base.rate:.2f}x | {r.p50:.1f} | "
+            f"{r.p99:.1f} | {r.p50 / base.p50:.2f}x |"
+        )
+    one, two = rows[1], rows[2]
+    lines.append("")
+    lines.append(
+        f"2 workers / 1 worker: throughput {two.rate / one.rate:.2f}x, "
+        f"p50 {two.p50 / one.p50:.2f}x, p99 {two.p99 / one.p99:.2f}x"
+    )
+    return "\n".join(lines)
+
+
+# -- the passthrough contender ----------------------------------------------------------
+
+
+async def passthrough(bootstrap: str, src: str, dst: str, group: str, ready: Path) -> None:
+    """Bare consume -> produce -> commit, at least once: the floor the worker is judged by."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    consumer = AIOKafkaConsumer(
+        src,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_poll_records=500,
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        enable_idempotence=True,
+        max_batch_size=256 * 1024,
+        linger_ms=2,
+    )
+    await producer.start()
+    await consumer.start()
+    pending: dict[TopicPartition, int] = {}
+    next_commit = loop.time() + 1.0
+    signalled = False
+    try:
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=200, max_records=500)
+            if consumer.assignment() and not signalled:
+                signalled = True
+                os.close(os.open(ready, os.O_CREAT | os.O_WRONLY))
+            futures = []
+            for tp, records in batch.items():
+                for r in records:
+                    futures.append(await producer.send(dst, r.value, key=r.key))
+                pending[tp] = records[-1].offset + 1
+            await asyncio.gather(*futures)
+            if pending and loop.time() >= next_commit:
+                await consumer.commit(dict(pending))
+                pending.clear()
+                next_commit = loop.time() + 1.0
+        if pending:
+            await consumer.commit(dict(pending))
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd")
+    pt = sub.add_parser("passthrough", help="(internal) run the passthrough contender")
+    pt.add_argument("--bootstrap", required=True)
+    pt.add_argument("--src", required=True)
+    pt.add_argument("--dst", required=True)
+    pt.add_argument("--group", required=True)
+    pt.add_argument("--ready-file", type=Path, required=True)
+    parser.add_argument("--requests", type=int, default=8000)
+    parser.add_argument("--latency-requests", type=int, default=1000)
+    args = parser.parse_args(argv)
+    if args.cmd == "passthrough":
+        asyncio.run(passthrough(args.bootstrap, args.src, args.dst, args.group, args.ready_file))
+        return 0
+    broker_module = load_broker()
+    with tempfile.TemporaryDirectory(prefix="kafka-bench-") as tmp, broker_module.Broker() as b:
+        print(f"broker {b.bootstrap} (started in {b.startup_seconds:.1f} s)")
+        rows = asyncio.run(bench(b.bootstrap, args.requests, args.latency_requests, Path(tmp)))
+    print()
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
