@@ -163,15 +163,15 @@ async def serve(
     health = HealthServer(settings.health_host, settings.health_port, flow.ready)
     started: list[str] = []
     try:
+        if settings.health_port:  # first: live (and not ready) while loading and joining
+            await health.start()
+            started.append("health")
         await _warm(engine)
         await sink.start()
         started.append("sink")
         await consumer.start()
         started.append("consumer")
         consumer.subscribe([settings.requests_topic], listener=flow.listener)
-        if settings.health_port:
-            await health.start()
-            started.append("health")
         log.info(
             "worker up: group %s reads %s (%s, up to %d in flight)",
             settings.group_id, settings.requests_topic, settings.delivery, settings.max_in_flight,

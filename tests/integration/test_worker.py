@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import importlib.util
 import io
 import json
@@ -62,10 +63,15 @@ async def test_round_trip_across_partitions(kafka_bootstrap: str, make_topics: M
     port = kit.free_port()
     telemetry = kit.RecordingTelemetry()
     settings = kit.settings_for(kafka_bootstrap, names, health_port=port)
-    async with kit.Reader(
-        kafka_bootstrap, [names.results, names.alerts], names.partitions, committed_only=True
-    ) as r:
-        worker = kit.InProcessWorker(settings, telemetry=telemetry)
+    async with (
+        kit.Reader(
+            kafka_bootstrap, [names.results, names.alerts], names.partitions, committed_only=True
+        ) as r,
+        kit.InProcessWorker(settings, telemetry=telemetry) as worker,
+    ):
+        await worker.wait_live()
+        assert await kit.http_status(port, "/readyz") == 503  # loading, joining: not yet
+        await worker.wait_ready()
         sent = await kit.produce(
             kafka_bootstrap, names.requests, values, partition_of=lambda i: i % 3
         )
@@ -330,18 +336,25 @@ async def test_two_workers_share_partitions_and_rebalances_lose_nothing(
     second takes everything): every request has exactly one result, because a revoked
     partition's in-flight records are finished and committed before it moves."""
     names = await kit.make_names(make_topics, partitions=4)
-    n = 200
+    n = 300
     settings = kit.settings_for(kafka_bootstrap, names, delivery=delivery)
     a_seen, b_seen = kit.RecordingTelemetry(), kit.RecordingTelemetry()
-    async with kit.Reader(
-        kafka_bootstrap, [names.results], names.partitions, committed_only=True
-    ) as r:
-        a = kit.InProcessWorker(settings, telemetry=a_seen)
+    async with contextlib.AsyncExitStack() as stack:
+        r = await stack.enter_async_context(
+            kit.Reader(kafka_bootstrap, [names.results], names.partitions, committed_only=True)
+        )
+        a = await stack.enter_async_context(
+            kit.InProcessWorker(kit.with_health(settings), telemetry=a_seen)
+        )
+        await a.wait_ready()
         stream = kit.stream(kafka_bootstrap, names.requests, n, partitions=4, pace_s=0.02)
         await r.wait_for(lambda: len(r.on(names.results)) >= 30)
-        b = kit.InProcessWorker(settings, telemetry=b_seen)
+        b = await stack.enter_async_context(
+            kit.InProcessWorker(kit.with_health(settings), telemetry=b_seen)
+        )
         await r.wait_for(lambda: len(b_seen.processed) >= 10)
         b_partitions_while_shared = {p for p, _ in b_seen.processed}
+        assert not stream.done(), "the stream ended before the second worker joined"
         assert await a.stop() == 0
         await stream
         await r.wait_for(lambda: len(set(r.ids(names.results))) >= n, 90)
@@ -367,10 +380,11 @@ async def test_a_fenced_partition_stops_the_worker_and_nothing_is_duplicated(
     settings = kit.settings_for(
         kafka_bootstrap, names, delivery="exactly-once", health_port=kit.free_port()
     )
-    async with kit.Reader(
-        kafka_bootstrap, [names.results], names.partitions, committed_only=True
-    ) as r:
-        first = kit.InProcessWorker(settings)
+    async with contextlib.AsyncExitStack() as stack:
+        r = await stack.enter_async_context(
+            kit.Reader(kafka_bootstrap, [names.results], names.partitions, committed_only=True)
+        )
+        first = await stack.enter_async_context(kit.InProcessWorker(settings))
         await first.wait_ready()
         stream = kit.stream(kafka_bootstrap, names.requests, n, partitions=2, pace_s=0.02)
         await r.wait_for(lambda: len(r.on(names.results)) >= 20)
@@ -384,10 +398,10 @@ async def test_a_fenced_partition_stops_the_worker_and_nothing_is_duplicated(
             assert await first.wait(60) == 1
         finally:
             await usurper.stop()
-        async with kit.InProcessWorker(settings):
-            await stream
-            await r.wait_for(lambda: len(set(r.ids(names.results))) >= n, 60)
-            await asyncio.sleep(1.0)
+        await stack.enter_async_context(kit.InProcessWorker(settings))
+        await stream
+        await r.wait_for(lambda: len(set(r.ids(names.results))) >= n, 60)
+        await asyncio.sleep(1.0)
     ids = r.ids(names.results)
     assert set(ids) == {kit.request_id(i) for i in range(n)}
     _no_duplicates(ids)

@@ -84,6 +84,11 @@ def settings_for(bootstrap: str, names: Names, **over: Any) -> Settings:
     return Settings(**values)
 
 
+def with_health(settings: Settings) -> Settings:
+    """The same settings with a free health port of its own (one per worker)."""
+    return settings.model_copy(update={"health_port": free_port()})
+
+
 def worker_env(settings: Settings) -> dict[str, str]:
     """The environment of a worker process with exactly these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENHEAP_")}
@@ -338,14 +343,20 @@ class InProcessWorker:
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Until /readyz answers 200 (needs a health port in the settings)."""
+        await self._wait_for_200("/readyz", timeout_s)
+
+    async def wait_live(self, timeout_s: float = 30.0) -> None:
+        await self._wait_for_200("/livez", timeout_s)
+
+    async def _wait_for_200(self, path: str, timeout_s: float) -> None:
         async with asyncio.timeout(timeout_s):
             while True:
                 if self._task.done():
                     raise AssertionError(f"the worker stopped: {self._task.result()}")
                 with contextlib.suppress(OSError, IndexError, ValueError):
-                    if await http_status(self.settings.health_port, "/readyz") == 200:
+                    if await http_status(self.settings.health_port, path) == 200:
                         return
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.05)
 
     async def wait(self, timeout_s: float) -> int:
         """The exit code, once `serve()` returns by itself (or is stopped)."""
@@ -358,6 +369,8 @@ class InProcessWorker:
     async def __aexit__(self, *exc: object) -> None:
         if not self._task.done():
             await self.stop()
+        elif not self._task.cancelled():
+            self._task.exception()  # retrieved: a failure shows in the test, not as noise
 
 
 async def run_cli(settings: Settings, *args: str, timeout_s: float = 60.0) -> tuple[int, str]:

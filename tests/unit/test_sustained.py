@@ -30,9 +30,7 @@ def make(**overrides: Any) -> SustainedDetector:
 def feed(
     d: SustainedDetector, outcomes: Sequence[bool], *, key: Key = KEY, start: float = 0.0
 ) -> list[Transition]:
-    moves = [
-        d.observe(key, over=o, threshold=0.8, now=start + i) for i, o in enumerate(outcomes)
-    ]
+    moves = [d.observe(key, over=o, threshold=0.8, now=start + i) for i, o in enumerate(outcomes)]
     return [m for m in moves if m is not None]
 
 

@@ -80,10 +80,7 @@ class Rig:
         if data is None:  # nothing recorded yet
             return {}
         return {
-            m.name: m
-            for rm in data.resource_metrics
-            for sm in rm.scope_metrics
-            for m in sm.metrics
+            m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
         }
 
     def points(self, name: str) -> list[Any]:
@@ -864,9 +861,7 @@ def test_setup_refuses_what_it_cannot_honour(
             [],
             id="console",
         ),
-        pytest.param(
-            {"OTEL_TRACES_EXPORTER": "otlp, console"}, ["otlp", "console"], [], id="both"
-        ),
+        pytest.param({"OTEL_TRACES_EXPORTER": "otlp, console"}, ["otlp", "console"], [], id="both"),
     ],
 )
 def test_exporter_selection(env: dict[str, str], traces: list[str], metrics: list[str]) -> None:
