@@ -14,10 +14,12 @@ import time
 import traceback
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
+from worker.cli import build_engine, limits_of
 from worker.errors import BadRequest, TokenheapError
 from worker.health import HealthServer
 from worker.kafka_config import client_kwargs, ensure_topics, worker_topics
@@ -134,8 +136,6 @@ async def serve(
     engine: Engine | None = None,
 ) -> int:
     """Run until `stop` is set (then drain) or something fails; 0 after a clean stop."""
-    from worker.cli import build_engine, limits_of
-
     engine = engine or build_engine(settings)
     telemetry = telemetry or NoopTelemetry()
     common = client_kwargs(settings)
@@ -143,34 +143,17 @@ async def serve(
         await ensure_topics(
             common, worker_topics(settings), settings.topic_partitions, settings.topic_replication
         )
-    exactly_once = settings.delivery == "exactly-once"
-    sink: IdempotentPublisher | TransactionalPublisher
-    if exactly_once:
-        sink = TransactionalPublisher(common, settings.group_id, telemetry)
-    else:
-        sink = IdempotentPublisher(common, telemetry)
-    consumer = AIOKafkaConsumer(
-        **common,
-        group_id=settings.group_id,
-        enable_auto_commit=False,
-        auto_offset_reset=settings.offset_reset,
-        isolation_level="read_committed",  # never act on an aborted upstream transaction
-        max_poll_records=MAX_BATCH,
-    )
+    sink, consumer = _clients(settings, common, telemetry)
     topics = Topics(settings.results_topic, settings.alerts_topic, settings.dead_letter_topic)
     processor = Processor(engine, limits_of(settings), telemetry, topics, settings.group_id)
     flow = Flow(consumer, sink, processor, flow_limits(settings))
     health = HealthServer(settings.health_host, settings.health_port, flow.ready)
-    started: list[str] = []
     try:
         if settings.health_port:  # first: live (and not ready) while loading and joining
             await health.start()
-            started.append("health")
         await _warm(engine)
         await sink.start()
-        started.append("sink")
         await consumer.start()
-        started.append("consumer")
         consumer.subscribe([settings.requests_topic], listener=flow.listener)
         log.info(
             "worker up: group %s reads %s (%s, up to %d in flight)",
@@ -184,17 +167,34 @@ async def serve(
         log.error("kafka: %s: %s", type(exc).__name__, exc)
         flow.failure = flow.failure or exc
     finally:
-        if "health" in started:
-            await health.stop()
-        if "sink" in started:
-            await _quietly("closing the producers", sink.stop())
-        if "consumer" in started:
-            await _quietly("leaving the group", consumer.stop())
+        await health.stop()
+        # Both even if they never started: an unstarted client still holds a connection pool.
+        await _quietly("closing the producers", sink.stop())
+        await _quietly("leaving the group", consumer.stop())
         await _close_engine(engine)
     if flow.failure is not None:
         return 1
     log.info("worker stopped cleanly")
     return 0
+
+
+def _clients(
+    settings: Settings, common: dict[str, Any], telemetry: Telemetry
+) -> tuple[IdempotentPublisher | TransactionalPublisher, AIOKafkaConsumer]:
+    sink: IdempotentPublisher | TransactionalPublisher
+    if settings.delivery == "exactly-once":
+        sink = TransactionalPublisher(common, settings.group_id, telemetry)
+    else:
+        sink = IdempotentPublisher(common, telemetry)
+    consumer = AIOKafkaConsumer(
+        **common,
+        group_id=settings.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset=settings.offset_reset,
+        isolation_level="read_committed",  # never act on an aborted upstream transaction
+        max_poll_records=MAX_BATCH,
+    )
+    return sink, consumer
 
 
 async def _warm(engine: Engine) -> None:

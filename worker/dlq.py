@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from worker.errors import ConfigError
@@ -37,16 +38,20 @@ def replay_group(group_id: str) -> str:
 def run_dlq(settings: Settings, action: str, limit: int) -> int:
     if limit < 1:
         raise ConfigError("--limit must be at least 1")
-    if action == "list":
-        asyncio.run(list_dead_letters(settings, limit, sys.stdout))
-        return 0
-    if action == "replay":
-        replayed, skipped = asyncio.run(replay_dead_letters(settings, limit))
-        print(
-            f"replayed {replayed}; skipped {skipped} (unreadable, or value not kept)",
-            file=sys.stderr,
-        )
-        return 0
+    try:
+        if action == "list":
+            asyncio.run(list_dead_letters(settings, limit, sys.stdout))
+            return 0
+        if action == "replay":
+            replayed, skipped = asyncio.run(replay_dead_letters(settings, limit))
+            print(
+                f"replayed {replayed}; skipped {skipped} (unreadable, or value not kept)",
+                file=sys.stderr,
+            )
+            return 0
+    except (KafkaError, TimeoutError) as exc:
+        print(f"tokenheap dlq: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     raise ConfigError(f"unknown dlq action {action!r}: use list or replay")
 
 
@@ -58,8 +63,8 @@ async def list_dead_letters(settings: Settings, limit: int, out: TextIO) -> int:
         auto_offset_reset="earliest",
         isolation_level="read_committed",
     )
-    await consumer.start()
     try:
+        await consumer.start()
         n = 0
         partitions = await partitions_of(client_kwargs(settings), settings.dead_letter_topic)
         records = _records(consumer, settings.dead_letter_topic, partitions, limit, grouped=False)
@@ -83,10 +88,10 @@ async def replay_dead_letters(settings: Settings, limit: int) -> tuple[int, int]
         isolation_level="read_committed",
     )
     producer = AIOKafkaProducer(**producer_kwargs(common))
-    await consumer.start()
-    await producer.start()
     replayed = skipped = 0
     try:
+        await consumer.start()
+        await producer.start()
         partitions = await partitions_of(common, settings.dead_letter_topic)
         records = _records(consumer, settings.dead_letter_topic, partitions, limit, grouped=True)
         async for record in records:

@@ -21,7 +21,13 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from worker.cli import build_engine
 from worker.dlq import list_dead_letters, replay_dead_letters
-from worker.publish.produce import transactional_id
+from worker.kafka_config import ensure_topics, partitions_of
+from worker.publish.produce import (
+    MAX_MESSAGE_BYTES,
+    Source,
+    dead_letter_message,
+    transactional_id,
+)
 
 
 def _load(path: Path) -> ModuleType:
@@ -336,7 +342,7 @@ async def test_two_workers_share_partitions_and_rebalances_lose_nothing(
     second takes everything): every request has exactly one result, because a revoked
     partition's in-flight records are finished and committed before it moves."""
     names = await kit.make_names(make_topics, partitions=4)
-    n = 300
+    n = 400
     settings = kit.settings_for(kafka_bootstrap, names, delivery=delivery)
     a_seen, b_seen = kit.RecordingTelemetry(), kit.RecordingTelemetry()
     async with contextlib.AsyncExitStack() as stack:
@@ -405,3 +411,29 @@ async def test_a_fenced_partition_stops_the_worker_and_nothing_is_duplicated(
     ids = r.ids(names.results)
     assert set(ids) == {kit.request_id(i) for i in range(n)}
     _no_duplicates(ids)
+
+
+async def test_missing_topics_are_created_with_the_configured_partitions(
+    kafka_bootstrap: str, make_topics: MakeTopics
+) -> None:
+    """TOKENHEAP_CREATE_TOPICS: missing topics are made (and existing ones left alone)."""
+    (existing,) = await make_topics(1, partitions=2)
+    missing = [f"{existing}-new-{i}" for i in range(2)]
+    common = {"bootstrap_servers": kafka_bootstrap}
+    assert await ensure_topics(common, [existing, *missing], 5, 1) == missing
+    assert await ensure_topics(common, [existing, *missing], 5, 1) == []
+    assert await partitions_of(common, missing[0]) == list(range(5))
+    assert await partitions_of(common, existing) == [0, 1]
+
+
+def test_a_dead_letter_too_large_to_keep_its_value_says_so() -> None:
+    """A base64 copy of a message near the size limit would not fit in one message: the
+    letter keeps the reason and position, drops the value and says why."""
+    source = Source("requests", 2, 41, None, b"key", b"x" * 900_000, (("h", b"v"),))
+    out = dead_letter_message("dlq", source, reason_code="request_too_large", reason="too big",
+                              group_id="g")  # fmt: skip
+    letter = json.loads(out.value)
+    assert len(out.value) <= MAX_MESSAGE_BYTES and out.key == b"key"
+    assert "value_b64" not in letter and letter["headers"] == [{"key": "h", "value_b64": "dg=="}]
+    assert letter["reason"].startswith("too big (original value of 900000 bytes not kept")
+    assert (letter["source_partition"], letter["source_offset"]) == (2, 41)
