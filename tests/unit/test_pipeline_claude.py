@@ -134,3 +134,21 @@ async def test_confirmed_overflow_trims_until_it_fits(
         result.system, payload
     )
     assert any(d.slot == "context" for d in result.dropped)
+
+
+async def test_concurrent_requests_share_one_call_per_distinct_piece(
+    claude_engine: Callable[[OnUnavailable], Engine],
+    make_request: MakeRequest,
+    anthropic_server: Any,
+) -> None:
+    import asyncio
+
+    engine = claude_engine("fail")
+    reqs = [_claude(make_request, request_id=f"r{i}") for i in range(10)]
+    results = await asyncio.gather(*(engine.fit(r) for r in reqs))
+    assert all(r.status == "ok" for r in results)
+    bodies = [r.body for r in anthropic_server.requests]
+    single = [b for b in bodies if len(b["messages"]) == 1 and "system" not in b]
+    contents = [b["messages"][0]["content"] for b in single]
+    # each distinct piece (and the baseline probe) is counted once, however many asked
+    assert len(contents) == len(set(contents))

@@ -74,6 +74,7 @@ class AnthropicCounter:
         self._deadline_s = deadline_s
         self._sem = asyncio.Semaphore(max_concurrency)
         self._overheads: dict[str, int] = {}
+        self._inflight: dict[tuple[str, bytes], asyncio.Future[int]] = {}
         self._overhead_locks: dict[str, asyncio.Lock] = {}
         self.calls = 0
         self.failures = 0
@@ -112,7 +113,17 @@ class AnthropicCounter:
         return await self._count_raw(model, system, params)
 
     async def _count_and_cache(self, model: str, ns: str, key: bytes, text: str) -> int:
-        cost = await self._text_cost(model, text)
+        """One API call per distinct text even when concurrent requests miss it together:
+        later callers await the first caller's call instead of making their own."""
+        inflight = self._inflight.get((ns, key))
+        if inflight is not None:
+            return await asyncio.shield(inflight)
+        task = asyncio.ensure_future(self._text_cost(model, text))
+        self._inflight[(ns, key)] = task
+        try:
+            cost = await asyncio.shield(task)
+        finally:
+            self._inflight.pop((ns, key), None)
         self._cache.put(ns, key, cost)
         return cost
 
