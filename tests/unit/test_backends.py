@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import pytest
@@ -9,8 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.corpus import paragraphs
+from worker.config import Catalog
 from worker.count.backends import FastokensBackend, TiktokenBackend
 from worker.count.vocab import encoding
+from worker.pipeline import Engine
+from worker.request.models import AssemblyRequest
 
 ENCODINGS = ["o200k_base", "cl100k_base"]
 
@@ -49,3 +53,33 @@ def test_real_text_and_tricky_strings_count_the_same(name: str) -> None:
 @given(texts=st.lists(st.text(min_size=0, max_size=300), min_size=1, max_size=20))
 def test_arbitrary_unicode_counts_the_same(name: str, texts: list[str]) -> None:
     assert fast(name).count_many(texts) == reference(name, texts)
+
+
+def test_engine_results_are_identical_with_the_fast_backend(catalog: Catalog) -> None:
+    paras = paragraphs()
+    req = AssemblyRequest.model_validate(
+        {
+            "request_id": "same",
+            "model": "gpt-4o",
+            "system": paras[0],
+            "history": [
+                {"role": "user" if i % 2 == 0 else "assistant", "content": p}
+                for i, p in enumerate(paras[1:30])
+            ],
+            "chunks": [{"id": f"c{i}", "text": p} for i, p in enumerate(paras[30:80])],
+            "query": paras[80],
+            "budget": {"max_context_tokens": 6000},
+        }
+    )
+    pool = ThreadPoolExecutor(2)
+    try:
+        results = [
+            Engine(catalog=catalog, executor=pool, backend=backend).fit_many([req])[0]
+            for backend in ("tiktoken", "fastokens")
+        ]
+    finally:
+        pool.shutdown()
+    slow, quick = (r.model_dump(exclude={"count_method"}) for r in results)
+    assert slow == quick
+    assert results[1].count_method == "fastokens:o200k_base"
+    assert slow["dropped"], "the request should be over budget so drops are compared too"

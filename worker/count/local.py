@@ -73,7 +73,7 @@ class LocalCounter:
         self.enc = enc
         self.cache = cache
         self.namespace = enc.name
-        self.method = f"tiktoken:{enc.name}"
+        self.method = backend.name  # e.g. tiktoken:o200k_base, fastokens:o200k_base
         self.backend = backend
         self._executor = executor
         self._inflight: dict[bytes, tuple[Future[list[int]], int]] = {}
