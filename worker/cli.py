@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -20,10 +21,10 @@ from worker.pipeline import Engine
 from worker.render.models import FitResult
 from worker.request.decode import Limits
 from worker.settings import Settings
+from worker.telemetry.hooks import NoopTelemetry, Telemetry
 
 if TYPE_CHECKING:
     from worker.count.anthropic_api import AnthropicCounter
-    from worker.telemetry.hooks import Telemetry
 
 
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024
@@ -138,24 +139,45 @@ def _fit(source: str, table: bool, backend: BackendName | None, jobs: int) -> in
             return _fit_jobs(settings, backend, source, limits, table, jobs)
     engine = build_engine(settings, backend)
     from worker.telemetry.logs import configure_logging
-    from worker.telemetry.otel import build_telemetry
 
     configure_logging("WARNING", json_lines=settings.log_format == "json")  # stdout is data
-    telemetry = build_telemetry(catalog=engine.catalog)
-    stream: TextIO = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
-    with stream:
-        if single:
-            lines: list[str] | TextIO = [stream.read().replace("\n", " ")]
-        else:
-            lines = stream
+    otel = None
+    if _exporting():  # otherwise nothing would receive it: skip the SDK altogether
+        from worker.telemetry.otel import build_telemetry
+
+        otel = build_telemetry(catalog=engine.catalog)
+    telemetry: Telemetry = otel or NoopTelemetry()
+    with _open(source) as stream:
+        lines: list[str] | TextIO = [stream.read().replace("\n", " ")] if single else stream
         try:
-            with telemetry.run():
+            with otel.run() if otel else nullcontext():
                 failed = asyncio.run(
                     _emit(engine, lines, limits, out, table, pretty=single, telemetry=telemetry)
                 )
         finally:
-            telemetry.shutdown()
+            if otel:
+                otel.shutdown()
     return 1 if failed and single else 0
+
+
+_EXPORT_VARS = (
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_METRICS_EXPORTER",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+)
+
+
+def _exporting() -> bool:
+    """Whether OTEL_* asks for any exporter (the same rule as worker.telemetry.setup)."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return any(os.environ.get(v, "").strip() not in ("", "none") for v in _EXPORT_VARS)
+
+
+def _open(source: str) -> TextIO:
+    return sys.stdin if source == "-" else open(source, encoding="utf-8")
 
 
 async def _emit(
@@ -172,15 +194,11 @@ async def _emit(
 
     failed = 0
     last = time.perf_counter()
-    # Recording costs ~0.2 ms a result: only pay it when an exporter will receive it.
-    providers = getattr(telemetry, "providers", None)
-    recording = bool(providers and providers.enabled and providers.exporters)
     try:
         async for result in fit_lines(engine, lines, limits):
-            if recording:
-                now = time.perf_counter()
-                telemetry.on_result(None, result, now - last)
-                last = now
+            now = time.perf_counter()
+            telemetry.on_result(None, result, now - last)
+            last = now
             failed += result.status != "ok"
             if table:
                 out.write(render_table(result))

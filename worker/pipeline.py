@@ -35,7 +35,7 @@ from worker.render.models import (
     Usage,
 )
 from worker.request.models import AssemblyRequest
-from worker.telemetry.otel import stage
+from worker.telemetry.stage import stage
 
 if TYPE_CHECKING:  # the SDK takes over a second to import: only Claude requests pay for it
     from worker.count.anthropic_api import AnthropicCounter

@@ -133,3 +133,13 @@ def test_readme_settings_reference_matches_the_settings_model() -> None:
     assert proc.returncode == 0
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert proc.stdout.strip() in readme, "README is stale: paste `tokenheap config-docs`"
+
+
+def test_fit_exports_spans_only_when_an_exporter_is_configured() -> None:
+    base = {"PATH": "/usr/bin:/bin"}
+    quiet = run("fit", "examples/request.json", env=base)
+    loud = run("fit", "examples/request.json", env={**base, "OTEL_TRACES_EXPORTER": "console"})
+    assert quiet.returncode == loud.returncode == 0
+    assert '"trace_id"' not in quiet.stderr
+    assert '"name": "fit"' in loud.stderr and '"gen_ai.usage.input_tokens": 267' in loud.stderr
+    assert json.loads(loud.stdout) == json.loads(quiet.stdout)

@@ -27,7 +27,7 @@ from typing import Final
 from opentelemetry import context as context_api
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.trace import Span, SpanKind
 from opentelemetry.util.types import AttributeValue
 
 from worker.config import Catalog, Profile
@@ -39,11 +39,11 @@ from worker.telemetry.hooks import KafkaHeaders, SpanLike
 from worker.telemetry.instruments import AnthropicSource, Attrs, CardinalityCap, Instruments
 from worker.telemetry.logs import REQUEST_LOGGER, log_result
 from worker.telemetry.setup import DEFAULT_SERVICE_NAME, TelemetryProviders, setup_telemetry
+from worker.telemetry.stage import _ACTIVE_TRACER, stage
 from worker.telemetry.sustained import SustainedConfig, SustainedDetector, Transition
 
 DEFAULT_ALERT_THRESHOLD: Final[float] = Profile.model_fields["alert_threshold"].default
 SUSTAINED_TYPE: Final = "sustained_utilization"
-_ACTIVE_TRACER: ContextVar[Tracer | None] = ContextVar("tokenheap_tracer", default=None)
 _log = logging.getLogger(__name__)
 
 
@@ -53,31 +53,6 @@ class _Processing:
 
     span: Span
     error_type: str | None = None
-
-
-@contextmanager
-def stage(name: names.Stage, **attributes: AttributeValue) -> Iterator[SpanLike]:
-    """A child span `<name>` (count, allocate, ...) of whatever span is current.
-
-    Records nothing outside a recording span (the batched CLI path), so the engine can call
-    it unconditionally. Work handed to a thread pool runs outside the caller's context:
-    wrap the `await` on the executor, or run the job under `contextvars.copy_context()`.
-    Attributes must be counts or ids, never text.
-    """
-    parent = trace.get_current_span()
-    if not parent.is_recording():
-        yield parent
-        return
-    tracer = _ACTIVE_TRACER.get() or trace.get_tracer(names.SCOPE)
-    attrs: Attrs = {names.ATTR_STAGE: name, **attributes}
-    with tracer.start_as_current_span(
-        name, attributes=attrs, record_exception=False, set_status_on_exception=False
-    ) as span:
-        try:
-            yield span
-        except BaseException as exc:
-            spans.record_failure(span, exc=exc)
-            raise
 
 
 class OtelTelemetry:
