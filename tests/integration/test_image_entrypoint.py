@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -35,7 +34,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -43,10 +41,11 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from tests.support import otlp_receiver
+
 pytestmark = pytest.mark.kafka
 
 ROOT = Path(__file__).resolve().parents[2]
-SUPPORT = ROOT / "tests" / "support"
 EXAMPLE = json.loads((ROOT / "examples" / "request.json").read_text(encoding="utf-8"))
 TOPIC_VARS = {
     "TOKENHEAP_REQUESTS_TOPIC": "req",
@@ -120,18 +119,6 @@ def grace_seconds() -> float:
 
 
 # -- the running worker -------------------------------------------------------------------
-
-
-def load_receiver() -> ModuleType:
-    qualname = "_tokenheap_test_support.otlp_receiver"
-    if qualname in sys.modules:
-        return sys.modules[qualname]
-    spec = importlib.util.spec_from_file_location(qualname, SUPPORT / "otlp_receiver.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[qualname] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:
@@ -211,7 +198,7 @@ def worker(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
     partitions = int(compose_env("kafka-init")["TOKENHEAP_TOPIC_PARTITIONS"])
     asyncio.run(create_topics(kafka_bootstrap, [env[v] for v in TOPIC_VARS], partitions))
     log_path = tmp_path_factory.mktemp("image-entrypoint") / "worker.log"
-    with load_receiver().OtlpHttpReceiver() as receiver, open(log_path, "wb") as log:
+    with otlp_receiver.OtlpHttpReceiver() as receiver, open(log_path, "wb") as log:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
         proc = subprocess.Popen(
             argv, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log

@@ -17,7 +17,6 @@ metrics over OTLP/HTTP protobuf to `tests/support/otlp_receiver.py`. Then:
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import signal
@@ -26,7 +25,6 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -38,13 +36,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind
 
+from tests.support import otlp_receiver
 from worker.publish.models import AlertMessage
 from worker.render.models import FitResult
 from worker.telemetry import names
 from worker.telemetry.spans import KAFKA_SETTER
 
 ROOT = Path(__file__).resolve().parents[2]
-SUPPORT = ROOT / "tests" / "support"
 CANARY = "CANARY-e2e-5d1c"
 HOT = 8
 """Over-threshold requests (the traced one included): enough to fill the window."""
@@ -85,18 +83,6 @@ finally:
     telemetry.shutdown()
 sys.exit(code)
 """
-
-
-def load_receiver() -> ModuleType:
-    qualname = "_tokenheap_test_support.otlp_receiver"
-    if qualname in sys.modules:
-        return sys.modules[qualname]
-    spec = importlib.util.spec_from_file_location(qualname, SUPPORT / "otlp_receiver.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[qualname] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def worker_command() -> list[str]:
@@ -166,7 +152,7 @@ def cool_request(i: int) -> dict[str, Any]:
 
 @pytest.fixture
 def receiver() -> Iterator[Any]:
-    with load_receiver().OtlpHttpReceiver() as rx:
+    with otlp_receiver.OtlpHttpReceiver() as rx:
         yield rx
 
 

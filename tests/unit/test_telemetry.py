@@ -9,15 +9,12 @@ over HTTP and gRPC, and a canary proving prompt text reaches no span, metric or 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -29,6 +26,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from tests.support import otlp_receiver
 from worker.config import Catalog
 from worker.errors import ConfigError, OverBudget
 from worker.pipeline import Engine, error_result
@@ -46,7 +44,6 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 CANARY = "CANARY-c4n4ry-9f1e"
-SUPPORT = Path(__file__).resolve().parent.parent / "support"
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -898,18 +895,6 @@ def test_console_exporter_writes_to_stderr_not_stdout(
 # -- OTLP export to a local receiver ----------------------------------------------------------
 
 
-def load_receiver() -> ModuleType:
-    qualname = "_tokenheap_test_support.otlp_receiver"
-    if qualname in sys.modules:
-        return sys.modules[qualname]
-    spec = importlib.util.spec_from_file_location(qualname, SUPPORT / "otlp_receiver.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[qualname] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
 def test_otlp_export_reaches_a_receiver(
     monkeypatch: pytest.MonkeyPatch,
@@ -917,7 +902,7 @@ def test_otlp_export_reaches_a_receiver(
     make_request: Callable[..., AssemblyRequest],
     protocol: str,
 ) -> None:
-    otlp = load_receiver()
+    otlp = otlp_receiver
     receiver_type = otlp.OtlpHttpReceiver if protocol == "http/protobuf" else otlp.OtlpGrpcReceiver
     with receiver_type() as rx:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint)
