@@ -1,7 +1,8 @@
 """`tokenheap fit` over JSON or JSONL: many requests, counted together, results in input order.
 
-Requests are read in batches; the pieces of a whole batch are counted in one call, so a
-conversation resent turn after turn or a popular chunk is tokenized once per process.
+Every piece goes through the shared count cache (and pieces being counted for another
+request are awaited, not recounted), so a conversation resent turn after turn or a popular
+chunk is tokenized once per process.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable
 from itertools import islice
-from typing import TextIO
 
 from worker.errors import TokenheapError
 from worker.pipeline import Engine, Started, error_result
@@ -91,7 +91,3 @@ def _request_id_of(line: str) -> str:
         return ""
     rid = doc.get("request_id") if isinstance(doc, dict) else None
     return rid if isinstance(rid, str) else ""
-
-
-def read_single(stream: TextIO, limits: Limits) -> AssemblyRequest | FitResult:
-    return _decode(stream.read(), limits)
