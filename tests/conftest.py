@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from worker.config import Catalog, load_catalog
+from worker.catalog import Catalog, load_catalog
 from worker.count.cache import CountCache
 from worker.count.vocab import encoding
-from worker.pipeline import Engine
-from worker.request.models import AssemblyRequest
+from worker.engine.engine import Engine
+from worker.engine.request import AssemblyRequest
 
 settings.register_profile(
     "default", deadline=None, max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "60"))
@@ -29,9 +29,8 @@ def catalog() -> Catalog:
 
 @pytest.fixture
 def engine(catalog: Catalog) -> Iterator[Engine]:
-    pool = ThreadPoolExecutor(2)
-    yield Engine(catalog=catalog, cache=CountCache(8 * 1024 * 1024), executor=pool)
-    pool.shutdown()
+    with Engine(catalog=catalog, cache=CountCache(8 * 1024 * 1024)) as engine:
+        yield engine
 
 
 def chat_tokens(messages: list[dict[str, Any]], enc_name: str) -> int:

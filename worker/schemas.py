@@ -11,9 +11,10 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode
 
-from worker.publish.models import AlertMessage, DeadLetter
-from worker.render.models import FitResult
-from worker.request.models import AssemblyRequest
+from worker.engine.request import AssemblyRequest
+from worker.engine.result import FitResult
+from worker.stream.messages import DeadLetter
+from worker.telemetry.alerts import AlertMessage
 
 # What producers send is validated (input mode); what tokenheap emits is serialized.
 CONTRACTS: dict[str, tuple[type[BaseModel], JsonSchemaMode]] = {

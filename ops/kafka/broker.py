@@ -72,8 +72,8 @@ JVM_OPTS = ("-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:+ExitOnOutOfMemoryE
 MAIN_CLASS = "kafka.Kafka"
 PORT_ATTEMPTS = 3
 
-# The recipe's settings (see /work/shared/KAFKA.md). Replication factor / min ISR 1 for the
-# internal topics is what makes transactions work on a single node.
+# Single-node KRaft (combined broker + controller, one voter). Replication factor and
+# min ISR 1 for the internal topics is what makes transactions work on a single node.
 BASE_PROPERTIES: dict[str, str] = {
     "process.roles": "broker,controller",
     "node.id": "1",

@@ -37,9 +37,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind
 
 from tests.support import otlp_receiver
-from worker.publish.models import AlertMessage
-from worker.render.models import FitResult
+from worker.engine.result import FitResult
 from worker.telemetry import names
+from worker.telemetry.alerts import AlertMessage
 from worker.telemetry.spans import KAFKA_SETTER
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,46 +54,11 @@ SUSTAINED_ENV = {
     "TOKENHEAP_SUSTAINED_SHARE_LIMIT": "0.5",
     "TOKENHEAP_SUSTAINED_CLEAR_BELOW": "0.2",
 }
-# Starts the worker with OtelTelemetry wired the way `tokenheap worker` should wire it
-# (see the telemetry report); used only while worker/app.py and worker/cli.py do not.
-SHIM = """
-import os, sys
-from worker.app import run_worker
-from worker.config import load_catalog
-from worker.settings import Settings
-from worker.telemetry.logs import configure_logging
-from worker.telemetry.otel import build_telemetry
-from worker.telemetry.sustained import SustainedConfig
-
-env = os.environ
-settings = Settings()
-configure_logging("INFO")
-telemetry = build_telemetry(
-    catalog=load_catalog(settings.config_dir),
-    sustained=SustainedConfig(
-        window_requests=int(env["TOKENHEAP_SUSTAINED_WINDOW_REQUESTS"]),
-        min_requests=int(env["TOKENHEAP_SUSTAINED_MIN_REQUESTS"]),
-        share_limit=float(env["TOKENHEAP_SUSTAINED_SHARE_LIMIT"]),
-        clear_below=float(env["TOKENHEAP_SUSTAINED_CLEAR_BELOW"]),
-    ),
-)
-try:
-    code = run_worker(settings, telemetry)
-finally:
-    telemetry.shutdown()
-sys.exit(code)
-"""
 
 
 def worker_command() -> list[str]:
-    """`python -m worker worker` once it builds OtelTelemetry itself, else the shim."""
-    wired = any(
-        "build_telemetry" in (ROOT / "worker" / f).read_text(encoding="utf-8")
-        for f in ("app.py", "cli.py", "__main__.py")
-    )
-    if wired:
-        return [sys.executable, "-m", "worker", "worker"]
-    return [sys.executable, "-c", SHIM]
+    """`tokenheap worker`, as an operator starts it (it builds OtelTelemetry from OTEL_*)."""
+    return [sys.executable, "-m", "worker", "worker"]
 
 
 def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:

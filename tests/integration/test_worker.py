@@ -19,10 +19,10 @@ from types import ModuleType
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from worker.cli import build_engine
-from worker.dlq import list_dead_letters, replay_dead_letters
-from worker.kafka_config import ensure_topics, partitions_of
-from worker.publish.produce import (
+from worker.build import build_engine
+from worker.stream.dlq import list_dead_letters, replay_dead_letters
+from worker.stream.kafka import ensure_topics, partitions_of
+from worker.stream.publish import (
     MAX_MESSAGE_BYTES,
     Source,
     dead_letter_message,

@@ -22,13 +22,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from worker.app import serve
-from worker.pipeline import Engine
-from worker.publish.models import AlertMessage
-from worker.render.models import FitResult
-from worker.request.models import AssemblyRequest
+from worker.engine.engine import Engine
+from worker.engine.request import AssemblyRequest
+from worker.engine.result import FitResult
+from worker.engine.stage import SpanLike
 from worker.settings import Settings
-from worker.telemetry.hooks import KafkaHeaders, NoopTelemetry, SpanLike
+from worker.stream.service import serve
+from worker.telemetry.alerts import AlertMessage
+from worker.telemetry.hooks import KafkaHeaders, NoopTelemetry
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE: dict[str, Any] = json.loads((REPO / "examples" / "request.json").read_text())

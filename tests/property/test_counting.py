@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import chat_tokens
-from worker.config import Catalog
+from worker.catalog import Catalog
 from worker.count.vocab import encoding
-from worker.pipeline import Engine
-from worker.request.models import AssemblyRequest
+from worker.engine.engine import Engine
+from worker.engine.request import AssemblyRequest
 
 # Text that stresses the pre-tokenizer: punctuation runs, newlines, '/', contractions,
 # digits, combining marks, CJK, emoji, whitespace runs, a literal special token.
@@ -117,7 +117,7 @@ def test_fit_is_within_budget_and_usage_equals_recount(
 ) -> None:
     engine = make_engine()
     req = _request(turn_list, chunks, query, system, window, model, truncate)
-    [result] = engine.fit_many([req])
+    [result] = engine.fit_many_sync([req])
     if result.status == "error":
         assert result.error is not None
         assert result.error.code == "over_budget"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.allocate.budget import DropReason, Policy, Wants
-from worker.allocate.policy import allocate
+from worker.engine.allocate import allocate
+from worker.engine.plan import DropReason, Policy, Wants
 from worker.errors import OverBudget
 
 

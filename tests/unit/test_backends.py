@@ -10,11 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.corpus import paragraphs
-from worker.config import Catalog
+from worker.catalog import Catalog
 from worker.count.backends import FastokensBackend, TiktokenBackend
 from worker.count.vocab import encoding
-from worker.pipeline import Engine
-from worker.request.models import AssemblyRequest
+from worker.engine.engine import Engine
+from worker.engine.request import AssemblyRequest
 
 ENCODINGS = ["o200k_base", "cl100k_base"]
 
@@ -74,7 +74,7 @@ def test_engine_results_are_identical_with_the_fast_backend(catalog: Catalog) ->
     pool = ThreadPoolExecutor(2)
     try:
         results = [
-            Engine(catalog=catalog, executor=pool, backend=backend).fit_many([req])[0]
+            Engine(catalog=catalog, executor=pool, backend=backend).fit_many_sync([req])[0]
             for backend in ("tiktoken", "fastokens")
         ]
     finally:

@@ -39,11 +39,11 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from worker.config import Catalog
-from worker.health import HealthServer
-from worker.pipeline import Engine
-from worker.request.decode import decode_request
+from worker.catalog import Catalog
+from worker.engine.decode import decode_request
+from worker.engine.engine import Engine
 from worker.settings import Settings
+from worker.stream.health import HealthServer
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

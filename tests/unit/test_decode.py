@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from worker.engine.decode import Limits, decode_request
 from worker.errors import InvalidRequest, RequestTooLarge
-from worker.request.decode import Limits, decode_request
 
 BASE = {"request_id": "r", "model": "gpt-4o", "query": "q"}
 

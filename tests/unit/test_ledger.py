@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.request.ledger import LedgerError, OffsetLedger
+from worker.stream.ledger import LedgerError, OffsetLedger
 
 Ledger = OffsetLedger[str]
 

@@ -9,8 +9,8 @@ import pytest
 
 from tests.conftest import chat_tokens
 from worker.count.vocab import encoding
-from worker.pipeline import Engine
-from worker.request.models import AssemblyRequest
+from worker.engine.engine import Engine
+from worker.engine.request import AssemblyRequest
 
 MakeRequest = Callable[..., AssemblyRequest]
 
@@ -40,7 +40,7 @@ def test_total_equals_the_cookbook_count_of_the_emitted_payload(
         ],
         chunks=[{"id": "a", "text": "Alpha is first."}, {"id": "b", "text": "Beta; second."}],
     )
-    [result] = engine.fit_many([req])
+    [result] = engine.fit_many_sync([req])
     assert result.status == "ok"
     assert result.count_method == f"tiktoken:{enc}"
     assert result.exact is True
@@ -52,7 +52,7 @@ def test_special_token_text_is_counted_as_ordinary_text(
     engine: Engine, make_request: MakeRequest
 ) -> None:
     req = make_request(query="Explain <|endoftext|> and <|fim_prefix|> please")
-    [result] = engine.fit_many([req])
+    [result] = engine.fit_many_sync([req])
     assert result.status == "ok"
     assert result.usage is not None
     assert result.usage.query == len(encoding("o200k_base").encode_ordinary(req.query))
@@ -73,7 +73,7 @@ def test_every_dropped_item_is_reported_with_its_tokens(
     req = make_request(
         history=history, chunks=chunks, budget={"max_context_tokens": 4000, "output_reserve": 400}
     )
-    [result] = engine.fit_many([req])
+    [result] = engine.fit_many_sync([req])
     assert result.usage is not None
     assert result.usage.total_tokens <= 3600
     # packing: a full budget is used nearly to its end
@@ -96,7 +96,7 @@ def test_duplicate_and_empty_chunks_are_sent_once_and_reported(
         {"id": "b", "text": "same text"},
         {"id": "c", "text": "   "},
     ]
-    [result] = engine.fit_many([make_request(chunks=chunks)])
+    [result] = engine.fit_many_sync([make_request(chunks=chunks)])
     final = result.messages[-1].content
     assert final.count("same text") == 1
     reasons = {d.id: d.reason for d in result.dropped}
@@ -108,7 +108,7 @@ def test_top_chunk_dropped_and_utilization_alerts(
 ) -> None:
     chunks = [{"id": "big", "text": "x " * 3000}, {"id": "small", "text": "fits"}]
     req = make_request(chunks=chunks, budget={"max_context_tokens": 1000, "output_reserve": 100})
-    [result] = engine.fit_many([req])
+    [result] = engine.fit_many_sync([req])
     types = {a.type for a in result.alerts}
     assert "top_chunk_dropped" in types
     dropped = {d.id: d.reason for d in result.dropped}
@@ -117,7 +117,7 @@ def test_top_chunk_dropped_and_utilization_alerts(
         history=[{"role": "user", "content": "y " * 380}],
         budget={"max_context_tokens": 500, "output_reserve": 50},
     )
-    [r2] = engine.fit_many([full])
+    [r2] = engine.fit_many_sync([full])
     assert r2.usage is not None
     assert r2.usage.utilization >= 0.8
     assert any(a.type == "utilization_high" and a.threshold == 0.8 for a in r2.alerts)
@@ -127,7 +127,7 @@ def test_system_and_query_over_budget_is_an_error_result(
     engine: Engine, make_request: MakeRequest
 ) -> None:
     req = make_request(system="s " * 600, budget={"max_context_tokens": 500, "output_reserve": 0})
-    [result] = engine.fit_many([req])
+    [result] = engine.fit_many_sync([req])
     assert result.status == "error"
     assert result.error is not None
     assert result.error.code == "over_budget"
@@ -137,7 +137,7 @@ def test_system_and_query_over_budget_is_an_error_result(
 def test_unknown_model_and_profile_are_error_results(
     engine: Engine, make_request: MakeRequest
 ) -> None:
-    [r1, r2] = engine.fit_many(
+    [r1, r2] = engine.fit_many_sync(
         [make_request(model="gpt-9-turbo-max"), make_request(budget={"profile": "nope"})]
     )
     assert r1.error is not None and r1.error.code == "unknown_model"
@@ -152,7 +152,7 @@ def test_truncation_cuts_at_a_token_boundary_within_budget(
         chunks=[{"id": "long", "text": text}],
         budget={"max_context_tokens": 600, "output_reserve": 100, "truncate_chunks": True},
     )
-    [result] = engine.fit_many([req])
+    [result] = engine.fit_many_sync([req])
     assert result.usage is not None
     assert [t.id for t in result.truncated] == ["long"]
     cut = result.truncated[0]
@@ -167,7 +167,7 @@ def test_profiles_shape_the_split(engine: Engine, make_request: MakeRequest) -> 
     history = [{"role": r, "content": turn} for r in ["user", "assistant"] * 10]
     chunks = [{"id": f"c{i}", "text": f"{i} " + "fact " * 200} for i in range(20)]
     common = {"max_context_tokens": 8000, "reflow": False}
-    rag, support = engine.fit_many(
+    rag, support = engine.fit_many_sync(
         [
             make_request(
                 history=history, chunks=chunks, budget={**common, "profile": "rag-chatbot"}
@@ -190,10 +190,10 @@ def test_repeated_pieces_hit_the_cache(engine: Engine, make_request: MakeRequest
         {"role": "assistant", "content": "first reply"},
     ]
     req = make_request(history=history)
-    engine.fit_many([req])
+    engine.fit_many_sync([req])
     before = engine.cache.stats()
     longer = make_request(history=[*history, {"role": "user", "content": "second turn"}])
-    engine.fit_many([longer])
+    engine.fit_many_sync([longer])
     after = engine.cache.stats()
     assert after.entries - before.entries == 1  # only the new turn was counted
     assert after.hits > before.hits
@@ -202,6 +202,6 @@ def test_repeated_pieces_hit_the_cache(engine: Engine, make_request: MakeRequest
 async def test_async_fit_matches_batch_fit(engine: Engine, make_request: MakeRequest) -> None:
     req = make_request(chunks=[{"id": "a", "text": "alpha"}])
     one = await engine.fit(req)
-    [batch] = engine.fit_many([req])
+    [batch] = [r async for r in engine.fit_many([req])]
     assert one.messages == batch.messages
     assert one.usage == batch.usage

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from worker.config import Catalog
+from worker.catalog import Catalog
 from worker.count.anthropic_api import AnthropicCounter, make_client
 from worker.count.cache import CountCache
-from worker.pipeline import Engine, OnUnavailable
-from worker.request.models import AssemblyRequest
+from worker.engine.engine import Engine
+from worker.engine.request import AssemblyRequest
+from worker.providers.anthropic import OnUnavailable
 
 MakeRequest = Callable[..., AssemblyRequest]
 

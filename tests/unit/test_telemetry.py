@@ -27,13 +27,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.support import otlp_receiver
-from worker.config import Catalog
+from worker.catalog import Catalog
+from worker.engine.engine import Engine
+from worker.engine.report import error_result
+from worker.engine.request import AssemblyRequest
+from worker.engine.result import FitResult
 from worker.errors import ConfigError, OverBudget
-from worker.pipeline import Engine, error_result
-from worker.publish.models import AlertMessage
-from worker.render.models import FitResult
-from worker.request.models import AssemblyRequest
 from worker.telemetry import names
+from worker.telemetry.alerts import AlertMessage
 from worker.telemetry.logs import JsonFormatter, configure_logging
 from worker.telemetry.otel import OtelTelemetry, build_telemetry, stage
 from worker.telemetry.setup import exporter_names, otlp_protocol, setup_telemetry

@@ -51,3 +51,19 @@ def test_rank_cache_is_used_and_a_tampered_copy_is_rebuilt(
     cached.write_bytes(bytes(blob))
     assert vocab.ranks("cl100k_base") == first
     assert cached.read_bytes() != bytes(blob)  # rebuilt from the verified file
+
+
+@pytest.mark.parametrize("name", sorted(vocab.SHA256))
+def test_shipped_pattern_and_special_tokens_are_tiktokens(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spec shipped beside each vocabulary is what tiktoken's own constructor builds
+    (run here with its downloader stubbed out), so an upgrade of tiktoken that changes a
+    pattern fails this test instead of silently changing counts."""
+    from tiktoken_ext import openai_public
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *_a, **_k: {})
+    theirs = openai_public.ENCODING_CONSTRUCTORS[name]()
+    ours = vocab.encoding(name)
+    assert ours._pat_str == theirs["pat_str"]
+    assert ours._special_tokens == theirs["special_tokens"]

@@ -1,30 +1,32 @@
 """tiktoken encodings built from the vocabularies shipped in this package: no network, ever.
 
 tiktoken would download its rank files on first use; these copies are byte-identical
-(sha256 equals tiktoken's own expected hash) and are verified again on load.
+(sha256 equals tiktoken's own expected hash) and are verified again on load. Each
+encoding's split pattern and special tokens ship beside them in `vocab/encodings.json`
+(copied from tiktoken's own constructors, and checked against them by a test), so the
+`tiktoken.Encoding` is built directly, with no loader to patch.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import marshal
 import os
-import threading
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import tiktoken
-from tiktoken_ext import openai_public
 
 from worker.errors import ConfigError
 
 VOCAB_DIR = Path(__file__).with_name("vocab")
-
-SHA256: dict[str, str] = {
-    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
-    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
-}
+_SPECS: dict[str, dict[str, Any]] = json.loads(
+    (VOCAB_DIR / "encodings.json").read_text(encoding="utf-8")
+)["encodings"]
+SHA256: dict[str, str] = {name: spec["sha256"] for name, spec in _SPECS.items()}
 
 
 def vocab_path(name: str) -> Path:
@@ -38,9 +40,6 @@ def verified_bytes(name: str) -> bytes:
     if hashlib.sha256(data).hexdigest() != SHA256[name]:
         raise ConfigError(f"{vocab_path(name)} does not match its sha256: reinstall tokenheap")
     return data
-
-
-_LOCK = threading.Lock()
 
 
 def ranks(name: str) -> dict[bytes, int]:
@@ -94,24 +93,14 @@ def _write_marshal(path: Path, table: dict[bytes, int]) -> None:
         pass  # a read-only home only costs the faster start
 
 
-def _tiktoken_spec(name: str) -> tuple[str, dict[str, int]]:
-    """tiktoken's pattern and special tokens for `name`. They live inside its constructor,
-    which is run with its loader stubbed out, so they never drift from tiktoken's."""
-    constructor = openai_public.ENCODING_CONSTRUCTORS[name]
-    with _LOCK:
-        original = openai_public.load_tiktoken_bpe
-        openai_public.load_tiktoken_bpe = lambda *_a, **_k: {}
-        try:
-            spec = constructor()
-        finally:
-            openai_public.load_tiktoken_bpe = original
-    return spec["pat_str"], spec["special_tokens"]
-
-
 @cache
 def encoding(name: str) -> tiktoken.Encoding:
     """The tiktoken Encoding for `name`, built from the shipped, verified vocabulary."""
-    pat_str, special = _tiktoken_spec(name)
+    vocab_path(name)  # refuses an encoding that is not shipped
+    spec = _SPECS[name]
     return tiktoken.Encoding(
-        name=name, pat_str=pat_str, mergeable_ranks=ranks(name), special_tokens=special
+        name=name,
+        pat_str=spec["pat_str"],
+        mergeable_ranks=ranks(name),
+        special_tokens=spec["special_tokens"],
     )

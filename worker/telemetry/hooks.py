@@ -9,15 +9,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
-from worker.publish.models import AlertMessage
-from worker.render.models import FitResult
-from worker.request.models import AssemblyRequest
+from worker.engine.request import AssemblyRequest
+from worker.engine.result import FitResult
+from worker.engine.stage import SpanLike
+from worker.telemetry.alerts import AlertMessage
 
 KafkaHeaders = Sequence[tuple[str, bytes]]
-
-
-class SpanLike(Protocol):
-    def is_recording(self) -> bool: ...
 
 
 class Telemetry(Protocol):

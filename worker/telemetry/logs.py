@@ -19,7 +19,7 @@ from typing import Any, Final, TextIO
 
 from opentelemetry import trace
 
-from worker.render.models import FitResult
+from worker.engine.result import FitResult
 from worker.telemetry import names
 
 REQUEST_LOGGER: Final = "tokenheap.requests"
@@ -123,7 +123,7 @@ def result_fields(result: FitResult, duration_s: float) -> dict[str, Any]:
 def ledger_line(result: FitResult) -> str:
     """`req-7f3a fit 7412/8192 tokens (dropped 3 history)`, or the error code.
 
-    >>> from worker.render.models import ErrorInfo
+    >>> from worker.engine.result import ErrorInfo
     >>> ledger_line(FitResult(request_id="r1", status="error", model="m",
     ...                       error=ErrorInfo(code="over_budget", message="x")))
     'r1 failed (over_budget)'

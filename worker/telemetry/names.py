@@ -8,9 +8,14 @@ constants for them are deprecated or moved between releases. Everything else liv
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final
 
-SCOPE: Final = "tokenheap"
+# Defined with the engine's stage spans (below this package), re-exported here.
+from worker.engine.stage import ATTR_STAGE as ATTR_STAGE
+from worker.engine.stage import ERROR_TYPE as ERROR_TYPE
+from worker.engine.stage import SCOPE as SCOPE
+from worker.engine.stage import Stage as Stage
+
 """Instrumentation scope of the tracer and the meter."""
 
 # -- spans --------------------------------------------------------------------------------
@@ -31,7 +36,6 @@ SPAN_FIT: Final = "fit"
 SPAN_RUN: Final = "tokenheap fit"
 """INTERNAL root span of one `tokenheap fit` invocation."""
 
-Stage = Literal["prepare", "count", "allocate", "truncate", "render", "confirm"]
 """Child spans of processing, named by the stage (`count`, `allocate`, ...)."""
 
 # -- messaging (semconv) ------------------------------------------------------------------
@@ -47,7 +51,6 @@ MESSAGING_OPERATION_TYPE: Final = "messaging.operation.type"
 MESSAGING_OPERATION_NAME: Final = "messaging.operation.name"
 MESSAGING_OPERATION_PROCESS: Final = "process"
 MESSAGING_OPERATION_SEND: Final = "send"
-ERROR_TYPE: Final = "error.type"
 
 # -- GenAI (semconv) ----------------------------------------------------------------------
 
@@ -68,7 +71,6 @@ ATTR_PIPELINE: Final = "tokenheap.pipeline"
 ATTR_PROFILE: Final = "tokenheap.profile"
 ATTR_STATUS: Final = "tokenheap.status"
 """`ok` or `error`, as in the result."""
-ATTR_STAGE: Final = "tokenheap.stage"
 
 # -- tokenheap: tokens --------------------------------------------------------------------
 

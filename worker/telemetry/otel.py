@@ -30,16 +30,16 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.util.types import AttributeValue
 
-from worker.config import Catalog, Profile
-from worker.publish.models import AlertMessage, WindowStats
-from worker.render.models import Alert, FitResult
-from worker.request.models import AssemblyRequest
+from worker.catalog import Catalog, Profile
+from worker.engine.request import AssemblyRequest
+from worker.engine.result import Alert, FitResult
+from worker.engine.stage import _ACTIVE_TRACER, SpanLike, record_failure, stage
 from worker.telemetry import names, spans
-from worker.telemetry.hooks import KafkaHeaders, SpanLike
+from worker.telemetry.alerts import AlertMessage, WindowStats
+from worker.telemetry.hooks import KafkaHeaders
 from worker.telemetry.instruments import AnthropicSource, Attrs, CardinalityCap, Instruments
 from worker.telemetry.logs import REQUEST_LOGGER, log_result
 from worker.telemetry.setup import DEFAULT_SERVICE_NAME, TelemetryProviders, setup_telemetry
-from worker.telemetry.stage import _ACTIVE_TRACER, stage
 from worker.telemetry.sustained import SustainedConfig, SustainedDetector, Transition
 
 DEFAULT_ALERT_THRESHOLD: Final[float] = Profile.model_fields["alert_threshold"].default
@@ -124,7 +124,7 @@ class OtelTelemetry:
                     yield span
                 except BaseException as exc:
                     state.error_type = type(exc).__qualname__
-                    spans.record_failure(span, exc=exc)
+                    record_failure(span, exc=exc)
                     raise
                 finally:
                     self._processing.reset(state_token)
@@ -190,7 +190,7 @@ class OtelTelemetry:
             try:
                 yield span
             except BaseException as exc:
-                spans.record_failure(span, exc=exc)
+                record_failure(span, exc=exc)
                 raise
 
     # -- beyond the protocol --------------------------------------------------------------

@@ -13,9 +13,9 @@ from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from worker.publish.models import AlertMessage
-from worker.render.models import Alert, FitResult
+from worker.engine.result import Alert, FitResult
 from worker.telemetry import names
+from worker.telemetry.alerts import AlertMessage
 
 KafkaHeaders = Sequence[tuple[str, bytes | None]]
 Attrs = dict[str, AttributeValue]
@@ -195,17 +195,3 @@ def enrich_dead_letter(span: Span, *, reason_code: str) -> None:
     span.set_attribute(names.ERROR_TYPE, reason_code)
     span.add_event(names.EVENT_DEAD_LETTER, {names.ATTR_DEAD_LETTER_REASON: reason_code})
     span.set_status(Status(StatusCode.ERROR, reason_code))
-
-
-def record_failure(span: Span, *, exc: BaseException) -> None:
-    """An exception by its type only: `error.type`, an `exception` event, ERROR status.
-
-    The SDK's own recording would add the message and traceback text, which may quote
-    input; the type is enough to find the log line that has the details.
-    """
-    if not span.is_recording():
-        return
-    kind = type(exc).__qualname__
-    span.set_attribute(names.ERROR_TYPE, kind)
-    span.add_event("exception", {"exception.type": kind})
-    span.set_status(Status(StatusCode.ERROR, kind))

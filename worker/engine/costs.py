@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.allocate.budget import Wants
-from worker.config import ChatFraming
-from worker.render.layout import Layout
+from worker.catalog import ChatFraming
+from worker.engine.layout import Layout
+from worker.engine.plan import Wants
 
 _HEAD = 4  # system, header, query, query_unit
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worker.allocate.budget import Plan
-from worker.config import Provider, RenderTemplates
-from worker.render.models import ChatMessage
-from worker.request.models import AssemblyRequest, Turn
+from worker.catalog import Provider, RenderTemplates
+from worker.engine.plan import Plan
+from worker.engine.request import AssemblyRequest, Turn
 
 # Anthropic's Messages API has only user and assistant turns.
 _ANTHROPIC_ROLE = {"user": "user", "assistant": "assistant"}
@@ -40,15 +39,15 @@ class Layout:
     """The query as rendered after context (with its label)."""
     chunk_template: str
 
-    def render(self, plan: Plan, units: dict[int, str] | None = None) -> list[ChatMessage]:
+    def render(self, plan: Plan, units: dict[int, str] | None = None) -> list[Turn]:
         """Messages for the plan, system first for OpenAI; `units` replaces truncated chunks."""
-        messages: list[ChatMessage] = []
+        messages: list[Turn] = []
         if self.provider == "openai" and self.system:
-            messages.append(ChatMessage(role="system", content=self.system))
+            messages.append(Turn(role="system", content=self.system))
         first_group = len(self.groups) - plan.history_kept
         for group in self.groups[first_group:]:
             messages.extend(self.message(i) for i in group)
-        messages.append(ChatMessage(role="user", content=self.final_user(plan, units)))
+        messages.append(Turn(role="user", content=self.final_user(plan, units)))
         return messages
 
     def final_user(self, plan: Plan, units: dict[int, str] | None = None) -> str:
@@ -58,11 +57,11 @@ class Layout:
         body = "".join(units.get(i, self.chunk_units[i]) for i in plan.chunks_kept)
         return self.header + body + self.query_unit
 
-    def message(self, i: int) -> ChatMessage:
+    def message(self, i: int) -> Turn:
         """Turn i as sent: the request's own turn for OpenAI, a mapped one for Anthropic."""
         if self.provider == "openai":
             return self.turns[i]
-        return ChatMessage.model_validate({"role": self.roles[i], "content": self.contents[i]})
+        return Turn.model_validate({"role": self.roles[i], "content": self.contents[i]})
 
     def chunk_unit(self, chunk_id: str, text: str) -> str:
         return self.chunk_template.format(id=chunk_id, text=text)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from worker.errors import ConfigError, UnknownModel
+from worker.errors import ConfigError, UnknownModel, UnknownProfile
 
 Provider = Literal["openai", "anthropic"]
 SlotName = Literal["history", "context"]
@@ -70,7 +70,7 @@ class Profile(_Frozen):
 
 
 # Characters a unit may start with: none of them can extend a pre-tokenizer piece that ends
-# in a newline, so counts of consecutive units add up (see tests/property/test_additivity.py).
+# in a newline, so counts of consecutive units add up (see tests/property/test_counting.py).
 _SAFE_FIRST = frozenset(string.ascii_letters + string.digits + "[<#")
 
 
@@ -127,10 +127,6 @@ class Catalog(_Frozen):
             raise UnknownProfile(
                 f"unknown budget profile {name!r}; known: {', '.join(sorted(self.profiles))}"
             ) from None
-
-
-class UnknownProfile(UnknownModel):
-    code = "unknown_profile"
 
 
 def default_config_dir() -> Path:

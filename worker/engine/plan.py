@@ -1,15 +1,14 @@
 """Value types of the allocation: what is asked (counted items, policy) and what is granted.
 
-Pure data: no Kafka, OpenTelemetry, asyncio or I/O here or in `policy.py`.
+Pure data: no Kafka, OpenTelemetry, asyncio or I/O here or in `allocate.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
 
-SlotName = Literal["history", "context"]
+from worker.catalog import SlotName
 
 
 class DropReason(StrEnum):

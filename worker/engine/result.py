@@ -8,9 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # A kept history turn is sent as it came: the output message is the request's Turn model,
 # so kept turns pass through without a copy.
-from worker.request.models import Turn as ChatMessage
-
-__all__ = ["ChatMessage"]
+from worker.engine.request import Turn
 
 
 class _Out(BaseModel):
@@ -86,7 +84,7 @@ class FitResult(_Out):
     exact: bool = False
     system: str | None = None
     """Anthropic only: the top-level `system` parameter."""
-    messages: list[ChatMessage] = Field(default_factory=list)
+    messages: list[Turn] = Field(default_factory=list)
     usage: Usage | None = None
     dropped: list[DroppedItem] = Field(default_factory=list)
     truncated: list[TruncatedItem] = Field(default_factory=list)

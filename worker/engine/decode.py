@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from worker.engine.request import AssemblyRequest
 from worker.errors import InvalidRequest, RequestTooLarge
-from worker.request.models import AssemblyRequest
 
 
 @dataclass(frozen=True, slots=True)

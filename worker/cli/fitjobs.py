@@ -14,10 +14,10 @@ import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 
-from worker.fitfile import fit_lines
-from worker.pipeline import Engine
-from worker.render.models import FitResult
-from worker.request.decode import Limits
+from worker.cli.fitfile import fit_lines
+from worker.engine.decode import Limits
+from worker.engine.engine import Engine
+from worker.engine.result import FitResult
 
 BLOCK = 64
 Format = Callable[[FitResult], str]
@@ -36,8 +36,7 @@ def fit_parallel(
     """Yield (formatted block, failed count) per block of lines, in input order."""
     global _child
     engine = make_engine()
-    for name in preload:  # loaded once here, shared with the children by fork
-        engine.local(name).role_tokens()
+    engine.preload(list(preload))  # loaded once here, shared with the children by fork
     loop = asyncio.new_event_loop()
     _child = (engine, limits, fmt, loop)
     ctx = multiprocessing.get_context("fork")

@@ -8,62 +8,21 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
-from worker.config import load_catalog
+from worker.build import build_engine, limits_of
+from worker.catalog import load_catalog
 from worker.count.backends import BackendName
-from worker.count.cache import CountCache
+from worker.engine.decode import Limits
+from worker.engine.engine import Engine
+from worker.engine.result import FitResult
 from worker.errors import ConfigError
-from worker.pipeline import Engine
-from worker.render.models import FitResult
-from worker.request.decode import Limits
 from worker.settings import Settings
 from worker.telemetry.hooks import NoopTelemetry, Telemetry
 
-if TYPE_CHECKING:
-    from worker.count.anthropic_api import AnthropicCounter
-
-
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024
-
-
-def build_engine(settings: Settings, backend: BackendName | None = None) -> Engine:
-    """The engine as configured: catalog, shared cache, counting threads, Claude client."""
-    catalog = load_catalog(settings.config_dir)
-    cache = CountCache(settings.cache_bytes)
-
-    def anthropic() -> AnthropicCounter:
-        from worker.count.anthropic_api import AnthropicCounter, make_client
-
-        client = make_client(
-            settings.api_key() or "unset",
-            settings.anthropic_base_url,
-            settings.anthropic_timeout_s,
-            settings.anthropic_max_retries,
-        )
-        return AnthropicCounter(client, cache=cache, deadline_s=settings.anthropic_deadline_s)
-
-    configured = bool(settings.api_key() or settings.anthropic_base_url)
-    return Engine(
-        catalog=catalog,
-        cache=cache,
-        executor=ThreadPoolExecutor(settings.count_workers, "tokenheap-count"),
-        backend=backend or settings.count_backend,
-        anthropic_factory=anthropic if configured else None,
-        on_unavailable=settings.on_count_unavailable,
-    )
-
-
-def limits_of(settings: Settings) -> Limits:
-    return Limits(
-        max_request_bytes=settings.max_request_bytes,
-        max_history_turns=settings.max_history_turns,
-        max_chunks=settings.max_chunks,
-        max_item_chars=settings.max_item_chars,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "worker":
             return _worker(Settings())
         if args.cmd == "dlq":
-            from worker.dlq import run_dlq
+            from worker.stream.dlq import run_dlq
 
             return run_dlq(Settings(), args.action, args.limit)
     except ConfigError as exc:
@@ -189,8 +148,8 @@ async def _emit(
     pretty: bool,
     telemetry: Telemetry,
 ) -> int:
-    from worker.fitfile import fit_lines
-    from worker.render.table import render_table
+    from worker.cli.fitfile import fit_lines
+    from worker.cli.table import render_table
 
     failed = 0
     last = time.perf_counter()
@@ -211,7 +170,7 @@ async def _emit(
 
 
 def _worker(settings: Settings) -> int:
-    from worker.app import run_worker
+    from worker.stream.service import run_worker
     from worker.telemetry.logs import configure_logging
     from worker.telemetry.otel import build_telemetry
     from worker.telemetry.sustained import SustainedConfig
@@ -243,8 +202,8 @@ def _fit_jobs(
     table: bool,
     jobs: int,
 ) -> int:
-    from worker.fitjobs import fit_parallel
-    from worker.render.table import render_table
+    from worker.cli.fitjobs import fit_parallel
+    from worker.cli.table import render_table
 
     def fmt(result: FitResult) -> str:
         return (render_table(result) if table else _dump(result, False)) + "\n"

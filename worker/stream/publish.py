@@ -23,9 +23,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from worker.errors import TokenheapError
-from worker.publish.models import AlertMessage, DeadLetter, Header
-from worker.render.models import ErrorInfo, FitResult
+from worker.engine.result import ErrorInfo, FitResult
+from worker.errors import TransactionFailed
+from worker.stream.messages import DeadLetter, Header
+from worker.telemetry.alerts import AlertMessage
 from worker.telemetry.hooks import Telemetry
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,6 @@ class Outgoing:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
-
-
-class TransactionFailed(TokenheapError):
-    """A transaction could not commit; its outputs are aborted, so the records behind them
-    must be read again from the committed offset (the worker restarts to do that)."""
-
-    code = "transaction_failed"
-    retriable = True
 
 
 # -- messages -------------------------------------------------------------------------

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from worker.allocate.budget import (
-    Drop,
-    DropReason,
-    Plan,
-    Policy,
-    SlotName,
-    Truncation,
-    Wants,
-)
+from worker.catalog import SlotName
+from worker.engine.plan import Drop, DropReason, Plan, Policy, Truncation, Wants
 from worker.errors import OverBudget
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.allocate.budget import Policy
-from worker.config import ModelInfo, Profile
+from worker.catalog import ModelInfo, Profile
+from worker.engine.plan import Policy
+from worker.engine.request import AssemblyRequest
 from worker.errors import OverBudget
-from worker.request.models import AssemblyRequest
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,11 +21,11 @@ from typing import Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
+from worker.engine.decode import Limits, decode_request
+from worker.engine.request import AssemblyRequest
 from worker.errors import InvalidRequest
-from worker.publish.produce import Outgoing, Source
-from worker.request.decode import Limits, decode_request
-from worker.request.ledger import OffsetLedger
-from worker.request.models import AssemblyRequest
+from worker.stream.ledger import OffsetLedger
+from worker.stream.publish import Done, Outgoing, Source
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,10 @@ SETTLE_AFTER_CANCEL_S = 5.0
 Publish = Callable[[Sequence[Outgoing]], Awaitable[None]]
 """Given to the handler: publish this record's messages (once), in its partition's order."""
 Handler = Callable[[ConsumerRecord[bytes, bytes], Publish], Awaitable[None]]
-Done = Callable[[], None]
 
 
 class Sink(Protocol):
-    """What the flow needs from the publishing side (worker.publish.produce)."""
+    """What the flow needs from the publishing side (worker.stream.publish)."""
 
     commits_offsets: bool
     """True when offsets are committed by the sink (in its transactions), not the consumer."""
@@ -78,7 +77,7 @@ class FlowLimits:
 
 
 @dataclass(eq=False, slots=True)
-class _Partition:
+class _PartitionFlow:
     tp: TopicPartition
     tail: asyncio.Future[None]
     """Resolves when the last handed-out record has queued its messages: the next one's turn."""
@@ -125,7 +124,7 @@ class Flow:
         self._handler = handler
         self._limits = limits
         self._ledger = OffsetLedger[TopicPartition]()
-        self._parts: dict[TopicPartition, _Partition] = {}
+        self._parts: dict[TopicPartition, _PartitionFlow] = {}
         self._paused: set[TopicPartition] = set()
         self._assigning = False
         self._draining = False
@@ -213,7 +212,7 @@ class Flow:
                 self._consumer.pause(tp)
                 self._paused.add(tp)
 
-    def _start(self, part: _Partition, record: ConsumerRecord[bytes, bytes]) -> None:
+    def _start(self, part: _PartitionFlow, record: ConsumerRecord[bytes, bytes]) -> None:
         prev = part.tail
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         part.tail = mine
@@ -228,7 +227,7 @@ class Flow:
 
     async def _process(
         self,
-        part: _Partition,
+        part: _PartitionFlow,
         record: ConsumerRecord[bytes, bytes],
         prev: asyncio.Future[None],
         mine: asyncio.Future[None],
@@ -261,11 +260,11 @@ class Flow:
         finally:
             _resolve(mine)
 
-    def _done(self, part: _Partition, offset: int) -> None:
+    def _done(self, part: _PartitionFlow, offset: int) -> None:
         if self._parts.get(part.tp) is part:  # not a leftover of a revoked assignment
             self._ledger.done(part.tp, offset)
 
-    def _finished(self, part: _Partition, task: asyncio.Task[None]) -> None:
+    def _finished(self, part: _PartitionFlow, task: asyncio.Task[None]) -> None:
         part.tasks.discard(task)
         self._in_flight -= 1
         self._wake.set()
@@ -356,7 +355,7 @@ class Flow:
         for tp in new:
             first: asyncio.Future[None] = loop.create_future()
             first.set_result(None)
-            self._parts[tp] = _Partition(tp, first)
+            self._parts[tp] = _PartitionFlow(tp, first)
             self._paused.discard(tp)
         self._consumer.resume(*new)
         log.info("assigned %s", _fmt_tps(new))
@@ -378,7 +377,7 @@ class Flow:
         await self._close(parts)
         log.info("revoked %s", _fmt_tps(p.tp for p in parts))
 
-    async def _settle(self, parts: Sequence[_Partition]) -> tuple[int, int]:
+    async def _settle(self, parts: Sequence[_PartitionFlow]) -> tuple[int, int]:
         """Wait for the partitions' records, cancel what is left at the deadline; returns
         (finished, cut off)."""
         tasks = {t for p in parts for t in p.tasks}
@@ -397,7 +396,7 @@ class Flow:
             await asyncio.wait(pending, timeout=SETTLE_AFTER_CANCEL_S)
         return len(tasks) - len(pending), len(pending)
 
-    async def _close(self, parts: Sequence[_Partition]) -> None:
+    async def _close(self, parts: Sequence[_PartitionFlow]) -> None:
         tps = [p.tp for p in parts]
         try:
             await self._commit(tps, fatal=False)

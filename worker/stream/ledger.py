@@ -32,7 +32,7 @@ class LedgerError(RuntimeError):
 
 
 @dataclass(slots=True)
-class _Partition:
+class _Offsets:
     started: deque[int] = field(default_factory=deque)
     """Started offsets, ascending; finished ones leave it once nothing older is open."""
     open: set[int] = field(default_factory=set)
@@ -46,11 +46,11 @@ class OffsetLedger(Generic[K]):
     """Per partition: offsets handed out and not yet done; the next offset to commit."""
 
     def __init__(self) -> None:
-        self._parts: dict[K, _Partition] = {}
+        self._parts: dict[K, _Offsets] = {}
 
     def start(self, partition: K, offset: int) -> None:
         """A record was handed out for processing. Offsets must rise within a partition."""
-        part = self._parts.setdefault(partition, _Partition())
+        part = self._parts.setdefault(partition, _Offsets())
         if offset <= part.last_started:
             raise LedgerError(
                 f"{partition}: offset {offset} started after {part.last_started}; "

@@ -1,11 +1,12 @@
-"""Contracts of what tokenheap publishes besides results: alerts and dead letters."""
+"""Contract of the alert messages (schemas/alert.json): per-request alerts and sustained
+raises and clears, decided by telemetry and published by the Kafka service."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 
 class _Out(BaseModel):
@@ -44,24 +45,3 @@ class AlertMessage(_Out):
     threshold: float | None = None
     window: WindowStats | None = None
     at: datetime
-
-
-class Header(_Out):
-    key: str
-    value_b64: str | None
-
-
-class DeadLetter(_Out):
-    """A message the worker could not process: why, the original bytes, where it came from."""
-
-    reason_code: str
-    reason: str
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    source_timestamp_ms: int | None = None
-    key_b64: str | None = None
-    value_b64: str | None = None
-    headers: list[Header] = Field(default_factory=list)
-    group_id: str
-    failed_at: datetime

@@ -22,10 +22,10 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from worker.errors import ConfigError
-from worker.kafka_config import client_kwargs, partitions_of
-from worker.publish.models import DeadLetter
-from worker.publish.produce import producer_kwargs
 from worker.settings import Settings
+from worker.stream.kafka import client_kwargs, partitions_of
+from worker.stream.messages import DeadLetter
+from worker.stream.publish import producer_kwargs
 
 POLL_MS = 500
 READ_TIMEOUT_S = 60.0

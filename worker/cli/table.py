@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.render.models import FitResult
+from worker.engine.result import FitResult
 
 WIDTH = 40
 

@@ -1,0 +1,222 @@
+"""The engine: one request or many in, one `FitResult` each out, in order.
+
+The transports (the Kafka service, the file runner, a Python caller) all go through
+`fit` (one request) or `fit_many` (many, pipelined), or their blocking forms `fit_sync`
+and `fit_many_sync`. What differs between providers lives in `worker.providers`; the
+engine only prepares the request, picks the provider path and owns the shared resources:
+the count cache, the counting threads and the lazily created Claude count client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from worker.catalog import Catalog, default_catalog
+from worker.count.backends import BackendName, make_backend
+from worker.count.cache import CountCache
+from worker.count.local import LocalCounter
+from worker.count.vocab import encoding
+from worker.engine.prepared import Prepared, prepare
+from worker.engine.report import error_result
+from worker.engine.request import AssemblyRequest
+from worker.engine.result import FitResult
+from worker.engine.stage import stage
+from worker.errors import TokenheapError
+from worker.providers import anthropic, openai
+
+if TYPE_CHECKING:  # the SDK takes over a second to import: only Claude requests pay for it
+    from worker.count.anthropic_api import AnthropicCounter
+
+BATCH = 64
+"""Requests of `fit_many` whose counting is started before the previous batch is finished."""
+
+Item = AssemblyRequest | FitResult
+"""An input of `fit_many`: a request, or a result already decided (for example the error
+result of a line that could not be decoded), which passes through in its place."""
+
+
+@dataclass(slots=True)
+class Engine:
+    """Counting clients and configuration; stateless per request, safe to share.
+
+    `aclose()` (or `async with Engine() as engine`) releases everything it holds: the
+    Claude client, the counting threads, the loop of the blocking API.
+    """
+
+    catalog: Catalog = field(default_factory=default_catalog)
+    cache: CountCache = field(default_factory=CountCache)
+    executor: Executor | None = None
+    """Counting threads to share; None: the engine starts `count_threads` of its own (and
+    `aclose` stops them; threads it was given are the giver's to stop)."""
+    count_threads: int = 2
+    backend: BackendName = "tiktoken"
+    """Local BPE backend: tiktoken, or the exact and faster fastokens (`auto`: if installed)."""
+    anthropic_factory: Callable[[], AnthropicCounter] | None = None
+    """Builds the Claude counter on first use (None: no API configured)."""
+    on_unavailable: anthropic.OnUnavailable = "fail"
+    _local: dict[str, LocalCounter] = field(default_factory=dict)
+    _anthropic: AnthropicCounter | None = None
+    _runner: asyncio.Runner | None = None
+    _threads: Executor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._threads = self.executor or ThreadPoolExecutor(self.count_threads, "tokenheap-count")
+
+    # -- one request -----------------------------------------------------------------
+
+    async def fit(self, req: AssemblyRequest) -> FitResult:
+        """Fit one request without blocking the event loop (the worker's entry point).
+
+        Preparation, allocation and rendering are light and run on the loop; counting runs
+        on the counting threads (OpenAI) or the count API (Claude) and is awaited.
+        """
+        try:
+            with stage("prepare"):
+                p = prepare(self.catalog, req)
+        except TokenheapError as exc:
+            return error_result(req.request_id, req.model, exc, req)
+        if p.info.provider == "anthropic":
+            return await anthropic.fit(p, self.anthropic, self.on_unavailable)
+        with stage("count", texts=len(p.texts)):
+            started = self._start(p)
+            for fut in started.pending.futures:
+                await asyncio.wrap_future(fut)
+        with stage("allocate"):
+            return openai.finish(started, self.catalog.framing)
+
+    def fit_sync(self, req: AssemblyRequest) -> FitResult:
+        """`fit` for code without an event loop."""
+        return self._sync().run(self.fit(req))
+
+    # -- many requests ---------------------------------------------------------------
+
+    async def fit_many(self, items: Iterable[Item]) -> AsyncIterator[FitResult]:
+        """One result per item, in input order, pipelined: batch k+1 is prepared and its
+        counting started before batch k is allocated and rendered, so the counting threads
+        and this thread overlap, and a piece repeated across requests is counted once."""
+        it = iter(items)
+        ahead: list[openai.Started | FitResult | asyncio.Task[FitResult]] | None = None
+        while True:
+            batch = list(islice(it, BATCH))
+            nxt = [self._begin(item) for item in batch] if batch else None
+            if ahead is not None:
+                for started in ahead:
+                    if isinstance(started, asyncio.Task):
+                        yield await started
+                    elif isinstance(started, FitResult):
+                        yield started
+                    else:
+                        yield openai.finish(started, self.catalog.framing)
+            if nxt is None:
+                return
+            ahead = nxt
+
+    def fit_many_sync(self, items: Iterable[Item]) -> list[FitResult]:
+        """`fit_many` for code without an event loop, collected into a list."""
+
+        async def collect() -> list[FitResult]:
+            return [r async for r in self.fit_many(items)]
+
+        return self._sync().run(collect())
+
+    def _begin(self, item: Item) -> openai.Started | FitResult | asyncio.Task[FitResult]:
+        if isinstance(item, FitResult):
+            return item
+        try:
+            p = prepare(self.catalog, item)
+        except TokenheapError as exc:
+            return error_result(item.request_id, item.model, exc, item)
+        if p.info.provider == "anthropic":
+            return asyncio.ensure_future(anthropic.fit(p, self.anthropic, self.on_unavailable))
+        return self._start(p)
+
+    def _start(self, p: Prepared) -> openai.Started:
+        if p.info.encoding is None:  # the catalog refuses such a row; kept for mypy
+            raise TokenheapError(f"{p.req.model} names no local encoding")
+        return openai.start(p, self.local(p.info.encoding))
+
+    # -- shared resources ------------------------------------------------------------
+
+    def local(self, encoding_name: str) -> LocalCounter:
+        """The local counter of one encoding, built (and its vocabulary loaded) on first use."""
+        counter = self._local.get(encoding_name)
+        if counter is None:
+            enc = encoding(encoding_name)
+            counter = LocalCounter(
+                enc,
+                cache=self.cache,
+                executor=self._threads,
+                backend=make_backend(enc, self.backend),
+            )
+            self._local[encoding_name] = counter
+        return counter
+
+    def preload(self, encodings: Sequence[str]) -> None:
+        """Load vocabularies now (seconds each) rather than on the first request."""
+        for name in encodings:
+            self.local(name).role_tokens()
+
+    @property
+    def anthropic_started(self) -> AnthropicCounter | None:
+        """The Claude counter if one was created (metrics read it without creating one)."""
+        return self._anthropic
+
+    @property
+    def anthropic(self) -> AnthropicCounter | None:
+        if self._anthropic is None and self.anthropic_factory is not None:
+            self._anthropic = self.anthropic_factory()
+        return self._anthropic
+
+    async def aclose(self) -> None:
+        """Release the count API client and the counting threads it started (idempotent)."""
+        if self._anthropic is not None:
+            await self._anthropic.aclose()
+            self._anthropic = None
+        if self.executor is None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """`aclose` for code without an event loop; also closes the blocking API's loop."""
+        runner = self._runner
+        self._runner = None
+        if runner is None:
+            asyncio.run(self.aclose())
+            return
+        try:
+            runner.run(self.aclose())
+        finally:
+            runner.close()
+
+    def _sync(self) -> asyncio.Runner:
+        """One loop for every blocking call, so a Claude client created on it stays usable."""
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        return self._runner
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

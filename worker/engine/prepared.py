@@ -1,0 +1,30 @@
+"""A request made ready to count: its model, profile, budget, layout and the texts to count."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.catalog import Catalog, ModelInfo, Profile
+from worker.engine.budget import Budget, budget_for
+from worker.engine.costs import pieces
+from worker.engine.layout import Layout, build_layout
+from worker.engine.request import AssemblyRequest
+
+
+@dataclass(slots=True)
+class Prepared:
+    req: AssemblyRequest
+    info: ModelInfo
+    profile: Profile
+    budget: Budget
+    layout: Layout
+    texts: list[str]
+
+
+def prepare(catalog: Catalog, req: AssemblyRequest) -> Prepared:
+    """Resolve the model and profile and lay the request out (raises TokenheapError)."""
+    info = catalog.model(req.model)
+    profile = catalog.profile(req.budget.profile)
+    budget = budget_for(req, info, profile)
+    layout = build_layout(req, info.provider, catalog.render)
+    return Prepared(req, info, profile, budget, layout, pieces(layout))

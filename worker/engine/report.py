@@ -1,0 +1,182 @@
+"""The result of a fit: usage per slot, what was dropped and why, alerts, error results.
+
+Shared by every provider path, so a result means the same whatever counted it.
+"""
+
+from __future__ import annotations
+
+from worker.engine.budget import alert_threshold, system_share
+from worker.engine.costs import Costs
+from worker.engine.plan import Plan
+from worker.engine.prepared import Prepared
+from worker.engine.request import AssemblyRequest
+from worker.engine.result import (
+    Alert,
+    CacheUse,
+    DroppedItem,
+    ErrorInfo,
+    FitResult,
+    TruncatedItem,
+    Usage,
+)
+from worker.errors import TokenheapError
+
+
+def build_result(
+    p: Prepared,
+    plan: Plan,
+    costs: Costs,
+    method: str,
+    exact: bool,
+    units: dict[int, str],
+    truncated: list[TruncatedItem],
+    use: CacheUse,
+    confirmed: int | None = None,
+) -> FitResult:
+    """Usage from the counted pieces; a confirmed payload count replaces their sum
+    (the difference is framing the count API does not itemise)."""
+    layout, req = p.layout, p.req
+    messages = layout.render(plan, units)
+    turn_ids = layout.turn_indices(plan.history_kept)
+    history = sum(costs.content[i] for i in turn_ids)
+    context = 0
+    if plan.chunks_kept:
+        context = costs.header + sum(costs.chunk[i] for i in plan.chunks_kept)
+        context += costs.query_unit - costs.query
+    system = costs.system if layout.system else 0
+    _, fixed_framing = costs.fixed(layout)
+    framing = fixed_framing + sum(costs.turn_framing(layout, i) for i in turn_ids)
+    total = system + history + context + costs.query + framing
+    if confirmed is not None:
+        framing += confirmed - total
+        total = confirmed
+    usage = Usage(
+        system=system,
+        history=history,
+        context=context,
+        query=costs.query,
+        framing=framing,
+        total_tokens=total,
+        budget_tokens=p.budget.budget_tokens,
+        output_reserve=p.budget.output_reserve,
+        max_context_tokens=p.budget.max_context_tokens,
+        utilization=round(total / p.budget.budget_tokens, 4),
+    )
+    dropped = _dropped(p, plan, costs)
+    result = FitResult(
+        request_id=req.request_id,
+        status="ok",
+        model=req.model,
+        provider=p.info.provider,
+        profile=p.profile.name,
+        count_method=method,
+        exact=exact,
+        system=layout.system if p.info.provider == "anthropic" and layout.system else None,
+        messages=messages,
+        usage=usage,
+        dropped=dropped,
+        truncated=truncated,
+        tenant=req.tenant,
+        pipeline=req.pipeline,
+        conversation_id=req.conversation_id,
+        cache=use,
+    )
+    result.alerts.extend(request_alerts(p, usage, dropped, plan))
+    return result
+
+
+def _dropped(p: Prepared, plan: Plan, costs: Costs) -> list[DroppedItem]:
+    layout, req = p.layout, p.req
+    out: list[DroppedItem] = []
+    for d in plan.dropped:
+        if d.slot == "history":
+            for i in layout.groups[d.index]:
+                out.append(
+                    DroppedItem(
+                        slot="history",
+                        index=i,
+                        tokens=costs.content[i] + costs.turn_framing(layout, i),
+                        reason=d.reason.value,
+                    )
+                )
+        else:
+            out.append(
+                DroppedItem(
+                    slot="context",
+                    id=req.chunks[d.index].id,
+                    index=d.index,
+                    tokens=d.tokens,
+                    reason=d.reason.value,
+                )
+            )
+    for i, why in enumerate(layout.excluded):
+        if why is not None:
+            out.append(
+                DroppedItem(
+                    slot="context", id=req.chunks[i].id, index=i, tokens=costs.chunk[i], reason=why
+                )
+            )
+    return out
+
+
+def request_alerts(
+    p: Prepared, usage: Usage, dropped: list[DroppedItem], plan: Plan
+) -> list[Alert]:
+    """Per-request alerts: high utilization, the best chunk lost, history cut short."""
+    alerts: list[Alert] = []
+    threshold = alert_threshold(p.req, p.profile)
+    if usage.utilization >= threshold:
+        alerts.append(
+            Alert(
+                type="utilization_high",
+                message=f"{usage.total_tokens}/{usage.budget_tokens} input tokens used",
+                value=usage.utilization,
+                threshold=threshold,
+            )
+        )
+    if any(d.slot == "context" and d.index == 0 and d.reason == "context_budget" for d in dropped):
+        alerts.append(
+            Alert(
+                type="top_chunk_dropped",
+                severity="critical",
+                message=f"the best-ranked chunk {p.req.chunks[0].id!r} did not fit",
+            )
+        )
+    groups = len(p.layout.groups)
+    floor = min(p.profile.min_history_turns, groups)
+    if plan.history_kept < floor:
+        alerts.append(
+            Alert(
+                type="history_below_min",
+                message=f"{plan.history_kept} of {groups} exchanges kept, profile wants {floor}",
+                value=plan.history_kept,
+                threshold=floor,
+            )
+        )
+    share = system_share(p.req, p.profile)
+    if usage.system > share * usage.max_context_tokens:
+        alerts.append(
+            Alert(
+                type="system_over_share",
+                severity="info",
+                message=f"system prompt takes {usage.system} tokens, over its "
+                f"{share:.0%} share of the window",
+                value=usage.system,
+                threshold=share * usage.max_context_tokens,
+            )
+        )
+    return alerts
+
+
+def error_result(
+    request_id: str, model: str, exc: TokenheapError, req: AssemblyRequest | None = None
+) -> FitResult:
+    return FitResult(
+        request_id=request_id,
+        status="error",
+        model=model,
+        error=ErrorInfo(code=exc.code, message=str(exc), retriable=exc.retriable),
+        tenant=req.tenant if req else None,
+        pipeline=req.pipeline if req else None,
+        conversation_id=req.conversation_id if req else None,
+    )
