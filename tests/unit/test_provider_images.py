@@ -65,7 +65,7 @@ def test_jpeg_size_found_after_large_metadata_segments() -> None:
 def test_truncated_headers_are_a_clear_error(kind: str) -> None:
     data = make(50, 40, kind)
     cut = {"image/gif": 8, "image/png": 20}.get(kind, 22)
-    with pytest.raises(InvalidRequest, match="truncated|corrupt|no frame"):
+    with pytest.raises(InvalidRequest, match=r"truncated|corrupt|no frame"):
         image_size(data[:cut])
 
 
