@@ -226,19 +226,13 @@ def image_tokens(
     if not family.vision or family.rule is None:
         raise InvalidRequest(f"model {model!r} does not take images; send text only")
     if family.rule == "openai_tile":
-        assert family.base is not None and family.tile is not None
+        base, tile = family.base or 0, family.tile or 0  # both set: checked at load
         return tile_tokens(
-            width,
-            height,
-            detail,
-            base=family.base,
-            tile=family.tile,
-            rule=rules.image_rules.openai_tile,
+            width, height, detail, base=base, tile=tile, rule=rules.image_rules.openai_tile
         )
     if family.rule == "openai_patch":
-        assert family.multiplier is not None
         return patch_tokens(
-            width, height, multiplier=family.multiplier, rule=rules.image_rules.openai_patch
+            width, height, multiplier=family.multiplier or 1.0, rule=rules.image_rules.openai_patch
         )
     claude = rules.image_rules.anthropic_patch
     tier = claude.tiers[family.tier or "standard"]

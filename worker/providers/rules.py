@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from worker.config import default_config_dir
 from worker.errors import ConfigError
@@ -65,6 +65,20 @@ class ImageFamily(_Frozen):
     tile: Annotated[int, Field(ge=0)] | None = None
     multiplier: Annotated[float, Field(gt=0)] | None = None
     tier: str | None = None
+
+    @model_validator(mode="after")
+    def _rule_has_its_constants(self) -> ImageFamily:
+        needs = {
+            "openai_tile": ("base", "tile"),
+            "openai_patch": ("multiplier",),
+            "anthropic_patch": ("tier",),
+        }
+        if self.vision and self.rule is None:
+            raise ValueError("a vision family needs `rule` (or `vision: false`)")
+        missing = [f for f in needs.get(self.rule or "", ()) if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"rule {self.rule} needs {', '.join(missing)}")
+        return self
 
 
 class FamilyTable(_Frozen):
@@ -119,6 +133,17 @@ class PayloadRules(_Frozen):
     image_families: dict[Provider, FamilyTable]
     image_limits: dict[Provider, ImageLimits]
     tool_rules: ToolRules
+    image_url_policy: Literal["worst_case", "error"] = "worst_case"
+    """How an image given by URL without a declared width/height is costed."""
+
+    @model_validator(mode="after")
+    def _tiers_exist(self) -> PayloadRules:
+        tiers = self.image_rules.anthropic_patch.tiers
+        for provider, table in self.image_families.items():
+            for model, family in table.models.items():
+                if family.tier is not None and family.tier not in tiers:
+                    raise ValueError(f"image_families.{provider}.{model}: unknown tier")
+        return self
 
     def image_family(self, provider: Provider, model: str) -> ImageFamily:
         """Exact name, else the longest `prefix-`; a model with no entry is a config gap, so
