@@ -338,3 +338,78 @@ def test_byte_limit_is_checked_before_decoding() -> None:
         }
     ]
     assert "over the limit" in claude_rule_error(raw)
+
+
+def test_tool_checks() -> None:
+    tool = {"type": "function", "function": {"name": "f"}}
+    with pytest.raises(InvalidRequest, match=r"^tools\[1\]\.function\.name"):
+        oa.check_tools(oa.parse_tools([tool, tool]), None)
+    named = oa.parse_tool_choice({"type": "function", "function": {"name": "g"}})
+    with pytest.raises(InvalidRequest, match=r"^tool_choice\.function\.name"):
+        oa.check_tools(oa.parse_tools([tool]), named)
+    with pytest.raises(InvalidRequest, match="'required' needs"):
+        oa.check_tools([], "required")
+    oa.check_tools(oa.parse_tools([tool]), "required")
+    ctool = {"name": "w", "input_schema": {"type": "object"}}
+    with pytest.raises(InvalidRequest, match=r"^tools\[1\]\.name"):
+        an.check_tools(an.parse_tools([ctool, ctool]), None)
+    with pytest.raises(InvalidRequest, match=r"^tool_choice\.name"):
+        an.check_tools(an.parse_tools([ctool]), an.parse_tool_choice({"type": "tool", "name": "x"}))
+    with pytest.raises(InvalidRequest, match=r"^tool_choice\.name"):
+        an.check_tools(an.parse_tools([ctool]), an.parse_tool_choice({"type": "auto", "name": "w"}))
+    an.check_tools(an.parse_tools([ctool]), an.parse_tool_choice({"type": "tool", "name": "w"}))
+
+
+def test_image_count_and_request_byte_limits() -> None:
+    from worker.providers.base import ImageCheck
+    from worker.providers.rules import default_rules
+
+    rules = default_rules()
+    limits = rules.image_limits["anthropic"]
+    tight = rules.model_copy(
+        update={
+            "image_limits": {
+                **rules.image_limits,
+                "anthropic": limits.model_copy(
+                    update={"max_images": 2, "max_request_image_bytes": 10**9}
+                ),
+            }
+        }
+    )
+    img = {"type": "image", "source": {"type": "url", "url": "u"}}
+    an.check_history(
+        an.parse_history([{"role": "user", "content": [img, img]}]),
+        "claude-sonnet-4-5",
+        rules=tight,
+    )
+    with pytest.raises(RequestTooLarge, match=r"^history\[0\]\.content\[2\].*over 2 images"):
+        an.check_history(
+            an.parse_history([{"role": "user", "content": [img, img, img]}]),
+            "claude-sonnet-4-5",
+            rules=tight,
+        )
+    data = png_b64(8, 8)
+    size = len(base64.b64decode(data))
+    small = rules.model_copy(
+        update={
+            "image_limits": {
+                **rules.image_limits,
+                "anthropic": limits.model_copy(update={"max_request_image_bytes": 2 * size}),
+            }
+        }
+    )
+    b64 = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
+    check = ImageCheck("anthropic", "claude-sonnet-4-5", small)
+    an.check_history(
+        an.parse_history([{"role": "user", "content": [b64, b64]}]),
+        "claude-sonnet-4-5",
+        rules=small,
+        images=check,
+    )
+    assert check.sizes["history[0].content[1].source.data"].width == 8
+    with pytest.raises(RequestTooLarge, match=r"^history\[0\]\.content\[2\].*together"):
+        an.check_history(
+            an.parse_history([{"role": "user", "content": [b64, b64, b64]}]),
+            "claude-sonnet-4-5",
+            rules=small,
+        )

@@ -254,3 +254,19 @@ def check_system(system: System | None, root: str = "system") -> None:
         for k, block in enumerate(system):
             if not block.text:
                 raise InvalidRequest(f"{root}[{k}].text: empty text block")
+
+
+def check_tools(tools: Sequence[Tool] | None, tool_choice: ToolChoice | None) -> None:
+    """Tool names are unique; `tool` choice names a tool in `tools`, other choices none."""
+    names = [t.name for t in tools or []]
+    for k, name in enumerate(names):
+        if name in names[:k]:
+            raise InvalidRequest(f"tools[{k}].name: duplicate tool name {name!r}")
+    if tool_choice is None:
+        return
+    if tool_choice.type == "tool" and tool_choice.name not in names:
+        raise InvalidRequest(f"tool_choice.name: {tool_choice.name!r} is not in tools")
+    if tool_choice.type != "tool" and tool_choice.name is not None:
+        raise InvalidRequest("tool_choice.name: only a `tool` choice names a tool")
+    if tool_choice.type in ("any", "tool") and not names:
+        raise InvalidRequest(f"tool_choice: {tool_choice.type!r} needs at least one tool in tools")

@@ -77,6 +77,9 @@ class ImageCheck:
         self.provider, self.model, self.rules = provider, model, rules
         self.limits = rules.image_limits[provider]
         self.seen = 0
+        self.total_bytes = 0
+        self.sizes: dict[str, images.ImageSize] = {}
+        """Sizes read so far, by path, so costing need not decode the same bytes again."""
 
     def base64(self, data: str, media_type: str | None, path: str) -> images.ImageSize:
         cap = self.limits.max_image_bytes
@@ -100,6 +103,12 @@ class ImageCheck:
         except (InvalidRequest, RequestTooLarge) as exc:
             raise type(exc)(f"{path}: {exc}") from None
 
+    def _total(self, raw: bytes, path: str) -> None:
+        self.total_bytes += len(raw)
+        cap = self.limits.max_request_image_bytes
+        if self.total_bytes > cap:
+            raise RequestTooLarge(f"{path}: images in this request exceed {cap} bytes together")
+
     def _count(self, path: str) -> None:
         family = self.rules.image_family(self.provider, self.model)
         if not family.vision:
@@ -109,6 +118,7 @@ class ImageCheck:
             raise RequestTooLarge(f"{path}: over {self.limits.max_images} images in one request")
 
     def _size(self, raw: bytes, media_type: str | None, path: str) -> images.ImageSize:
+        self._total(raw, path)
         try:
             size = images.image_size(raw)
         except InvalidRequest as exc:
@@ -118,6 +128,7 @@ class ImageCheck:
                 f"{path}: declared {media_type} but the bytes are {size.media_type}"
             )
         self._pixels(size.width, size.height, path)
+        self.sizes[path] = size
         return size
 
     def _pixels(self, width: int, height: int, path: str) -> None:

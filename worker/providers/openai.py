@@ -154,7 +154,6 @@ def check_history(
     messages: Sequence[Message],
     model: str,
     *,
-    tools: Sequence[Tool] | None = None,
     rules: PayloadRules | None = None,
     root: str = "history",
     images: ImageCheck | None = None,
@@ -197,11 +196,20 @@ def check_history(
             for j, part in enumerate(content):
                 _check_part(part, f"{here}.content[{j}]", images)
     _unanswered(open_calls)
-    if tools:
-        names = [t.function.name for t in tools]
-        for k, name in enumerate(names):
-            if name in names[:k]:
-                raise InvalidRequest(f"tools[{k}].function.name: duplicate tool name {name!r}")
+
+
+def check_tools(tools: Sequence[Tool] | None, tool_choice: ToolChoice | None) -> None:
+    """Tool names are unique; a named or `required` tool_choice has a tool to choose."""
+    names = [t.function.name for t in tools or []]
+    for k, name in enumerate(names):
+        if name in names[:k]:
+            raise InvalidRequest(f"tools[{k}].function.name: duplicate tool name {name!r}")
+    if isinstance(tool_choice, NamedToolChoice) and tool_choice.function.name not in names:
+        raise InvalidRequest(
+            f"tool_choice.function.name: {tool_choice.function.name!r} is not in tools"
+        )
+    if tool_choice == "required" and not names:
+        raise InvalidRequest("tool_choice: 'required' needs at least one tool in tools")
 
 
 def _unanswered(open_calls: dict[str, str]) -> None:

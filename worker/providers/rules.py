@@ -90,6 +90,8 @@ class ImageLimits(_Frozen):
     source: str
     max_image_bytes: Positive
     max_images: Positive
+    max_request_image_bytes: Positive
+    """Decoded image bytes in one request, all images together."""
     max_edge_px: Positive | None = None
     many_images: Positive | None = None
     many_images_max_edge_px: Positive | None = None
