@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydantic import ValidationError
 
-from worker.errors import ConfigError, InvalidRequest
+from worker.config import Catalog
+from worker.errors import ConfigError, InvalidRequest, UnknownModel
 from worker.providers import anthropic as an
 from worker.providers import openai as oa
 from worker.providers.image_costs import (
@@ -90,3 +91,15 @@ def test_config_families_must_carry_their_constants(tmp_path: Path) -> None:
     (tmp_path / "models.yaml").write_text("image_rules: {}\n")
     with pytest.raises(ConfigError, match="invalid payload rules"):
         load_payload_rules(tmp_path)
+
+
+def test_every_catalog_model_has_an_image_family(catalog: Catalog) -> None:
+    rules = default_rules()
+    for name, info in catalog.models.items():
+        family = rules.image_family(info.provider, name)
+        assert family.rule is not None or not family.vision, name
+
+
+def test_unknown_model_is_a_bad_request_not_a_crash() -> None:
+    with pytest.raises(UnknownModel, match=r"image_families\.openai"):
+        image_tokens("openai", "davinci", 10, 10)

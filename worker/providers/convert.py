@@ -5,6 +5,10 @@ counterpart (a `name`, a refusal, a mid-conversation system message, thinking, a
 an OpenAI tool result) is refused with the path of the part, because silently dropping it
 would change what the model sees. Anthropic merges consecutive same-role turns anyway, so the
 conversion merges them itself and the output alternates.
+
+Dropped on purpose: an OpenAI image's `detail` (Claude has no such setting) and Anthropic's
+`cache_control` (OpenAI caches prefixes by itself); tool arguments are re-serialised with
+`json.dumps`, so their exact spacing may change (and with it their token count).
 """
 
 from __future__ import annotations

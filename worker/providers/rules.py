@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from worker.config import default_config_dir
-from worker.errors import ConfigError
+from worker.errors import ConfigError, UnknownModel
 
 Provider = Literal["openai", "anthropic"]
 Positive = Annotated[int, Field(gt=0)]
@@ -148,12 +148,12 @@ class PayloadRules(_Frozen):
         return self
 
     def image_family(self, provider: Provider, model: str) -> ImageFamily:
-        """Exact name, else the longest `prefix-`; a model with no entry is a config gap, so
-        it stops the request with a message saying where to add it, rather than guessing."""
+        """Exact name, else the longest `prefix-`; a model with no entry stops the request
+        with a message saying where to add it, rather than guessing its image rule."""
         table = self.image_families[provider].models
         key = lookup(table, model)
         if key is None:
-            raise ConfigError(
+            raise UnknownModel(
                 f"no image family for {model!r}: add it under image_families.{provider} "
                 "in config/models.yaml"
             )

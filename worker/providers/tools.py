@@ -67,6 +67,8 @@ def count_tool_definitions(
             total += family.func_init + count(json.dumps(tool))
             continue
         total += family.func_init
+        if "description" not in function:
+            seen.add("tools: function without description")
         desc = str(function.get("description") or "")
         total += count(str(function["name"]) + ":" + desc.removesuffix("."))
         params = function.get("parameters") or {}
