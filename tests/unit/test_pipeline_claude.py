@@ -13,8 +13,8 @@ from worker.catalog import Catalog
 from worker.count.anthropic_api import AnthropicCounter, make_client
 from worker.count.cache import CountCache
 from worker.engine.engine import Engine
+from worker.engine.fit_api import OnUnavailable
 from worker.engine.request import AssemblyRequest
-from worker.providers.anthropic import OnUnavailable
 
 MakeRequest = Callable[..., AssemblyRequest]
 

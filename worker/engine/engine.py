@@ -22,13 +22,13 @@ from worker.count.backends import BackendName, make_backend
 from worker.count.cache import CountCache
 from worker.count.local import LocalCounter
 from worker.count.vocab import encoding
+from worker.engine import fit_api, fit_local
 from worker.engine.prepared import Prepared, prepare
 from worker.engine.report import error_result
 from worker.engine.request import AssemblyRequest
 from worker.engine.result import FitResult
 from worker.engine.stage import stage
 from worker.errors import TokenheapError
-from worker.providers import anthropic, openai
 
 if TYPE_CHECKING:  # the SDK takes over a second to import: only Claude requests pay for it
     from worker.count.anthropic_api import AnthropicCounter
@@ -59,7 +59,7 @@ class Engine:
     """Local BPE backend: tiktoken, or the exact and faster fastokens (`auto`: if installed)."""
     anthropic_factory: Callable[[], AnthropicCounter] | None = None
     """Builds the Claude counter on first use (None: no API configured)."""
-    on_unavailable: anthropic.OnUnavailable = "fail"
+    on_unavailable: fit_api.OnUnavailable = "fail"
     _local: dict[str, LocalCounter] = field(default_factory=dict)
     _anthropic: AnthropicCounter | None = None
     _runner: asyncio.Runner | None = None
@@ -82,13 +82,13 @@ class Engine:
         except TokenheapError as exc:
             return error_result(req.request_id, req.model, exc, req)
         if p.info.provider == "anthropic":
-            return await anthropic.fit(p, self.anthropic, self.on_unavailable)
+            return await fit_api.fit(p, self.anthropic, self.on_unavailable)
         with stage("count", texts=len(p.texts)):
             started = self._start(p)
             for fut in started.pending.futures:
                 await asyncio.wrap_future(fut)
         with stage("allocate"):
-            return openai.finish(started, self.catalog.framing)
+            return fit_local.finish(started, self.catalog.framing)
 
     def fit_sync(self, req: AssemblyRequest) -> FitResult:
         """`fit` for code without an event loop."""
@@ -101,7 +101,7 @@ class Engine:
         counting started before batch k is allocated and rendered, so the counting threads
         and this thread overlap, and a piece repeated across requests is counted once."""
         it = iter(items)
-        ahead: list[openai.Started | FitResult | asyncio.Task[FitResult]] | None = None
+        ahead: list[fit_local.Started | FitResult | asyncio.Task[FitResult]] | None = None
         while True:
             batch = list(islice(it, BATCH))
             nxt = [self._begin(item) for item in batch] if batch else None
@@ -112,7 +112,7 @@ class Engine:
                     elif isinstance(started, FitResult):
                         yield started
                     else:
-                        yield openai.finish(started, self.catalog.framing)
+                        yield fit_local.finish(started, self.catalog.framing)
             if nxt is None:
                 return
             ahead = nxt
@@ -125,7 +125,7 @@ class Engine:
 
         return self._sync().run(collect())
 
-    def _begin(self, item: Item) -> openai.Started | FitResult | asyncio.Task[FitResult]:
+    def _begin(self, item: Item) -> fit_local.Started | FitResult | asyncio.Task[FitResult]:
         if isinstance(item, FitResult):
             return item
         try:
@@ -133,13 +133,13 @@ class Engine:
         except TokenheapError as exc:
             return error_result(item.request_id, item.model, exc, item)
         if p.info.provider == "anthropic":
-            return asyncio.ensure_future(anthropic.fit(p, self.anthropic, self.on_unavailable))
+            return asyncio.ensure_future(fit_api.fit(p, self.anthropic, self.on_unavailable))
         return self._start(p)
 
-    def _start(self, p: Prepared) -> openai.Started:
+    def _start(self, p: Prepared) -> fit_local.Started:
         if p.info.encoding is None:  # the catalog refuses such a row; kept for mypy
             raise TokenheapError(f"{p.req.model} names no local encoding")
-        return openai.start(p, self.local(p.info.encoding))
+        return fit_local.start(p, self.local(p.info.encoding))
 
     # -- shared resources ------------------------------------------------------------
 

@@ -1,108 +1,272 @@
-"""Claude models: counted by Anthropic's `messages.count_tokens`, the final payload confirmed.
-
-Claude's tokenizer is not public, so the pieces are counted by the API (each distinct
-piece once, through the shared cache), the allocation packs on those counts, and the
-rendered payload is counted once more: that confirmed count is `usage.total_tokens`, and a
-payload over budget is trimmed by the excess and confirmed again.
+"""Anthropic Messages history, system, tools and tool_choice as the SDK takes them, and the
+ordering rules the API enforces, checked before fitting so a bad request fails with a path.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
-from worker.catalog import ChatFraming
-from worker.engine.allocate import allocate
-from worker.engine.budget import policy_for
-from worker.engine.costs import Costs
-from worker.engine.prepared import Prepared
-from worker.engine.report import build_result, error_result
-from worker.engine.result import Alert, CacheUse, FitResult
-from worker.engine.stage import stage
-from worker.errors import CountingUnavailable, TokenheapError
+from pydantic import Field, TypeAdapter
 
-if TYPE_CHECKING:  # the SDK takes over a second to import: only Claude requests pay for it
-    from worker.count.anthropic_api import AnthropicCounter
-
-OnUnavailable = Literal["fail", "estimate"]
-# Claude's per-message framing is not published; this guess only steers packing, the
-# final payload is confirmed by one count call and trimmed further if it is over.
-CLAUDE_FRAMING = ChatFraming(per_message=4, per_name=0, reply_priming=0)
-ESTIMATE_BYTES_PER_TOKEN = 3.0
-"""Claude averages well over 3 UTF-8 bytes a token on prose; 3 leaves a safety margin."""
-CONFIRM_ROUNDS = 4
+from worker.errors import InvalidRequest
+from worker.providers.base import ImageCheck, Native, declared_size, parse, pin_field
+from worker.providers.rules import PayloadRules, default_rules
 
 
-async def fit(
-    p: Prepared, api: AnthropicCounter | None, on_unavailable: OnUnavailable
-) -> FitResult:
-    """Fit a Claude request; when the API cannot answer, an error or an estimate."""
-    try:
-        if api is None:
-            raise CountingUnavailable(
-                "no Anthropic client configured: set ANTHROPIC_API_KEY (or "
-                "TOKENHEAP_ANTHROPIC_BASE_URL) or use on_unavailable=estimate"
-            )
-        return await _fit_exact(p, api)
-    except CountingUnavailable as exc:
-        if on_unavailable == "fail":
-            return error_result(p.req.request_id, p.req.model, exc, p.req)
-        return _fit_estimated(p)
-    except TokenheapError as exc:
-        return error_result(p.req.request_id, p.req.model, exc, p.req)
+class CacheControl(Native):
+    type: Literal["ephemeral"]
+    ttl: Literal["5m", "1h"] | None = None
 
 
-async def _fit_exact(p: Prepared, api: AnthropicCounter) -> FitResult:
-    model = p.req.model
-    nonempty = [t for t in p.texts if t]
-    calls_before = api.calls
-    with stage("count", texts=len(nonempty)):
-        got = dict(zip(nonempty, await api.count_texts(model, nonempty), strict=True))
-    counts = [got.get(t, 0) if t else 0 for t in p.texts]
-    costs = Costs.of(p.layout, counts, CLAUDE_FRAMING, {})
-    wants = costs.wants(p.layout, p.budget.budget_tokens)
-    policy = policy_for(p.req, p.profile, p.budget)
-    plan = allocate(wants, policy)
-    slack = 0
-    for round_ in range(CONFIRM_ROUNDS):
-        messages = p.layout.render(plan)
-        with stage("confirm", round=round_):
-            confirmed = await api.count_payload(
-                model,
-                p.layout.system or None,
-                [m.model_dump(include={"role", "content"}) for m in messages],
-            )
-        if confirmed <= p.budget.budget_tokens:
-            use = CacheUse(hits=0, misses=api.calls - calls_before)
-            return build_result(
-                p, plan, costs, "anthropic:count_tokens", True, {}, [], use, confirmed
-            )
-        slack += confirmed - p.budget.budget_tokens
-        plan = allocate(replace(wants, budget=p.budget.budget_tokens - slack), policy)
-    raise CountingUnavailable(
-        f"{p.req.request_id}: the confirmed payload stayed over budget after "
-        f"{CONFIRM_ROUNDS} rounds of trimming"
-    )
+class TextBlock(Native):
+    type: Literal["text"]
+    text: str
+    cache_control: CacheControl | None = None
+    citations: list[dict[str, Any]] | None = None
 
 
-def _fit_estimated(p: Prepared) -> FitResult:
-    counts = [math.ceil(len(t.encode("utf-8")) / ESTIMATE_BYTES_PER_TOKEN) for t in p.texts]
-    costs = Costs.of(p.layout, counts, CLAUDE_FRAMING, {})
-    try:
-        plan = allocate(
-            costs.wants(p.layout, p.budget.budget_tokens),
-            policy_for(p.req, p.profile, p.budget),
-        )
-    except TokenheapError as exc:
-        return error_result(p.req.request_id, p.req.model, exc, p.req)
-    method = f"estimate:utf8_bytes/{ESTIMATE_BYTES_PER_TOKEN:g}"
-    result = build_result(p, plan, costs, method, False, {}, [], CacheUse())
-    result.alerts.append(
-        Alert(
-            type="estimated_count",
-            severity="warning",
-            message="the count API did not answer; counts are estimates with a margin",
-        )
-    )
-    return result
+class Base64ImageSource(Native):
+    type: Literal["base64"]
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: str
+
+
+class URLImageSource(Native):
+    type: Literal["url"]
+    url: str
+
+
+class ImageBlock(Native):
+    type: Literal["image"]
+    source: Annotated[Base64ImageSource | URLImageSource, Field(discriminator="type")]
+    cache_control: CacheControl | None = None
+    width: int | None = declared_size()
+    height: int | None = declared_size()
+
+
+class Base64PDFSource(Native):
+    type: Literal["base64"]
+    media_type: Literal["application/pdf"]
+    data: str
+
+
+class PlainTextSource(Native):
+    type: Literal["text"]
+    media_type: Literal["text/plain"]
+    data: str
+
+
+class CitationsConfig(Native):
+    enabled: bool
+
+
+class DocumentBlock(Native):
+    type: Literal["document"]
+    source: Annotated[Base64PDFSource | PlainTextSource, Field(discriminator="type")]
+    title: str | None = None
+    context: str | None = None
+    citations: CitationsConfig | None = None
+    cache_control: CacheControl | None = None
+
+
+class ToolUseBlock(Native):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+    cache_control: CacheControl | None = None
+
+
+ResultPart = Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]
+
+
+class ToolResultBlock(Native):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[ResultPart] | None = None
+    is_error: bool | None = None
+    cache_control: CacheControl | None = None
+
+
+class ThinkingBlock(Native):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
+class RedactedThinkingBlock(Native):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+Block = Annotated[
+    TextBlock
+    | ImageBlock
+    | DocumentBlock
+    | ToolUseBlock
+    | ToolResultBlock
+    | ThinkingBlock
+    | RedactedThinkingBlock,
+    Field(discriminator="type"),
+]
+
+
+class Message(Native):
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+    pin: bool = pin_field()
+
+
+System = str | list[TextBlock]
+
+
+class Tool(Native):
+    name: str
+    input_schema: dict[str, Any]
+    description: str | None = None
+    type: Literal["custom"] | None = None
+    cache_control: CacheControl | None = None
+
+
+class ToolChoice(Native):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+HISTORY: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
+SYSTEM: TypeAdapter[System] = TypeAdapter(System)
+TOOLS: TypeAdapter[list[Tool]] = TypeAdapter(list[Tool])
+TOOL_CHOICE: TypeAdapter[ToolChoice] = TypeAdapter(ToolChoice)
+
+# Which blocks each role may carry (Messages API): results and media come from the user side.
+_ROLE_BLOCKS = {
+    "user": (TextBlock, ImageBlock, DocumentBlock, ToolResultBlock),
+    "assistant": (TextBlock, ToolUseBlock, ThinkingBlock, RedactedThinkingBlock),
+}
+
+
+def parse_history(raw: Any, root: str = "history") -> list[Message]:
+    return parse(HISTORY, raw, root)
+
+
+def parse_system(raw: Any, root: str = "system") -> System:
+    return parse(SYSTEM, raw, root)
+
+
+def parse_tools(raw: Any, root: str = "tools") -> list[Tool]:
+    return parse(TOOLS, raw, root)
+
+
+def parse_tool_choice(raw: Any, root: str = "tool_choice") -> ToolChoice:
+    return parse(TOOL_CHOICE, raw, root)
+
+
+def dump(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """The history as the SDK takes it (extension fields removed)."""
+    return [m.sdk() for m in messages]
+
+
+def blocks(message: Message) -> list[Any]:
+    """The content as a block list (a string content is one text block)."""
+    if isinstance(message.content, str):
+        return [TextBlock(type="text", text=message.content)]
+    return list(message.content)
+
+
+def check_history(
+    messages: Sequence[Message],
+    model: str,
+    *,
+    rules: PayloadRules | None = None,
+    root: str = "history",
+    images: ImageCheck | None = None,
+) -> None:
+    """Raise `InvalidRequest` / `RequestTooLarge` naming the first part the API would refuse.
+
+    Rules: every `tool_use` is answered by a `tool_result` in the very next message, and
+    every `tool_result` answers a `tool_use` of the message right before it; results come
+    first in their message; ids are unique; blocks fit their role; no empty text; images
+    within the byte, pixel and count limits.
+    """
+    rules = rules or default_rules()
+    images = images or ImageCheck("anthropic", model, rules)
+    seen: set[str] = set()
+    open_uses: dict[str, str] = {}
+    for i, msg in enumerate(messages):
+        here = f"{root}[{i}]"
+        if isinstance(msg.content, str) and not msg.content:
+            raise InvalidRequest(f"{here}.content: empty content")
+        content = blocks(msg)
+        answered = {b.tool_use_id for b in content if isinstance(b, ToolResultBlock)}
+        for use_id, path in open_uses.items():
+            if use_id not in answered:
+                raise InvalidRequest(
+                    f"{path}: tool_use {use_id!r} has no tool_result in the next message"
+                )
+        expected, open_uses = set(open_uses), {}
+        past_results = False
+        for j, block in enumerate(content):
+            at = f"{here}.content[{j}]"
+            if not isinstance(block, _ROLE_BLOCKS[msg.role]):
+                raise InvalidRequest(f"{at}: a {msg.role} message cannot carry {block.type}")
+            if isinstance(block, ToolResultBlock):
+                if past_results:
+                    raise InvalidRequest(f"{at}: tool_result blocks must come first")
+                if block.tool_use_id not in expected:
+                    raise InvalidRequest(
+                        f"{at}.tool_use_id: {block.tool_use_id!r} answers no tool_use of "
+                        "the message right before it"
+                    )
+                expected.discard(block.tool_use_id)
+                _check_parts(block.content, f"{at}.content", images)
+            else:
+                past_results = True
+            if isinstance(block, ToolUseBlock):
+                if block.id in seen:
+                    raise InvalidRequest(f"{at}.id: duplicate tool_use id {block.id!r}")
+                seen.add(block.id)
+                open_uses[block.id] = at
+            _check_part(block, at, images)
+    for use_id, path in open_uses.items():
+        raise InvalidRequest(f"{path}: tool_use {use_id!r} has no tool_result after it")
+
+
+def _check_parts(content: str | list[Any] | None, path: str, images: ImageCheck) -> None:
+    if isinstance(content, list):
+        for k, part in enumerate(content):
+            _check_part(part, f"{path}[{k}]", images)
+
+
+def _check_part(block: Any, path: str, images: ImageCheck) -> None:
+    if isinstance(block, TextBlock) and not block.text:
+        raise InvalidRequest(f"{path}.text: empty text block")
+    if isinstance(block, ImageBlock):
+        if isinstance(block.source, Base64ImageSource):
+            images.base64(block.source.data, block.source.media_type, f"{path}.source.data")
+        else:
+            images.declared(block.width, block.height, f"{path}.source.url")
+
+
+def check_system(system: System | None, root: str = "system") -> None:
+    if isinstance(system, list):
+        for k, block in enumerate(system):
+            if not block.text:
+                raise InvalidRequest(f"{root}[{k}].text: empty text block")
+
+
+def check_tools(tools: Sequence[Tool] | None, tool_choice: ToolChoice | None) -> None:
+    """Tool names are unique; `tool` choice names a tool in `tools`, other choices none."""
+    names = [t.name for t in tools or []]
+    for k, name in enumerate(names):
+        if name in names[:k]:
+            raise InvalidRequest(f"tools[{k}].name: duplicate tool name {name!r}")
+    if tool_choice is None:
+        return
+    if tool_choice.type == "tool" and tool_choice.name not in names:
+        raise InvalidRequest(f"tool_choice.name: {tool_choice.name!r} is not in tools")
+    if tool_choice.type != "tool" and tool_choice.name is not None:
+        raise InvalidRequest("tool_choice.name: only a `tool` choice names a tool")
+    if tool_choice.type in ("any", "tool") and not names:
+        raise InvalidRequest(f"tool_choice: {tool_choice.type!r} needs at least one tool in tools")
