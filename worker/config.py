@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from worker.engine.pricing import Prices
 from worker.errors import ConfigError, UnknownModel
 
 Provider = Literal["openai", "anthropic"]
@@ -31,6 +32,8 @@ class ModelInfo(_Frozen):
     max_output: Annotated[int, Field(gt=0)]
     max_input: Annotated[int, Field(gt=0)] | None = None
     encoding: str | None = None
+    prices: Prices | None = None
+    """List prices (USD per million tokens); None: cost is not reported for the model."""
 
     @model_validator(mode="after")
     def _openai_needs_encoding(self) -> ModelInfo:
