@@ -1,6 +1,6 @@
 """Prompt-cache cost of today's history trimming versus the cache-stable cut.
 
-    python -m benchmarks.cache_bench [--conversations 24] [--turns 40] [--block-share 0.1]
+    python -m benchmarks.cache_bench [--conversations 24] [--turns 40] [--block-share 0.3]
 
 Long conversations (benchmarks/workload.py "reuse": the whole history resent every turn,
 retrieved chunks in the final user message) are fitted in-process by the real engine at
@@ -35,7 +35,7 @@ from worker.budgeting import policy_for
 from worker.config import default_catalog
 from worker.count.vocab import encoding
 from worker.engine.pricing import CacheTTL, Prices, input_cost
-from worker.engine.stable_cut import stable_cut
+from worker.engine.stable_cut import block_for, stable_cut
 from worker.pipeline import Engine
 from worker.providers.anthropic_cache import Block, place_breakpoints
 from worker.render.models import FitResult
@@ -129,7 +129,7 @@ def fit_today_and_stable(
         wants = costs.wants(p.layout, p.budget.budget_tokens)
         plan = allocate(wants, policy_for(p.req, p.profile, p.budget))
         grant = plan.history_tokens + plan.budget - plan.total
-        block = round(block_share * p.budget.max_context_tokens)
+        block = block_for(p.budget.max_context_tokens, block_share)
         cut = stable_cut(wants.history, grant, block)
         groups = p.layout.groups
         start = groups[cut.first_kept][0] if cut.first_kept < len(groups) else len(req.history)

@@ -112,9 +112,13 @@ def stable_cut(costs: Sequence[int], budget: int, block: int, head_tokens: int =
     )
 
 
-def block_for(history_cap: int, share: float) -> int:
-    """A block size from numbers that do not change between turns of a conversation (the
-    history cap of the window, not this turn's reflowed budget), so the grid stays put."""
+def block_for(basis: int, share: float) -> int:
+    """The grid's block: `share` of a number fixed for the whole conversation (the window,
+    `max_context_tokens`), never of this turn's reflowed grant, so the grid stays put.
+
+    >>> block_for(10_000, 0.3)
+    3000
+    """
     if not 0 < share <= 1:
         raise ValueError("share must be in (0, 1]")
-    return max(1, round(history_cap * share))
+    return max(1, round(basis * share))
