@@ -6,8 +6,10 @@ Loaded once at startup and validated, so a bad file stops the process before it 
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import string
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +23,42 @@ Provider = Literal["openai", "anthropic"]
 SlotName = Literal["history", "context"]
 
 
+CacheTTL = Literal["5m", "1h"]
+"""How long a cache write lives: Anthropic's `ephemeral` default, or `ttl: "1h"`."""
+Rate = Annotated[Decimal, Field(ge=0)]
+
+
+class Prices(BaseModel):
+    """One model's list prices, USD per million tokens; absent rates fall back to `input`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: Rate
+    """Uncached input tokens."""
+    output: Rate
+    """Output tokens, reasoning included."""
+    cached_input: Rate | None = None
+    """Input read from the prompt cache; None: the model has no cache discount."""
+    cache_write_5m: Rate | None = None
+    """Input written to a 5-minute cache entry; None: no write fee (billed as `input`)."""
+    cache_write_1h: Rate | None = None
+    """Input written to a 1-hour cache entry; None: no write fee (billed as `input`)."""
+    cache_min_tokens: Annotated[int, Field(ge=0)] | None = None
+    """Shortest prefix the provider caches (silently uncached below); None: no caching."""
+    currency: Literal["USD"] = "USD"
+    source: str
+    """Where the figures were read (page or table), so a reviewer can check them."""
+    as_of: dt.date
+    """When they were read; prices change, an old date is a reason to look again."""
+
+    def write_rate(self, ttl: CacheTTL) -> Decimal:
+        rate = self.cache_write_5m if ttl == "5m" else self.cache_write_1h
+        return self.input if rate is None else rate
+
+    def read_rate(self) -> Decimal:
+        return self.input if self.cached_input is None else self.cached_input
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,6 +69,8 @@ class ModelInfo(_Frozen):
     max_output: Annotated[int, Field(gt=0)]
     max_input: Annotated[int, Field(gt=0)] | None = None
     encoding: str | None = None
+    prices: Prices | None = None
+    """List prices (USD per million tokens); None: cost is not reported for the model."""
 
     @model_validator(mode="after")
     def _openai_needs_encoding(self) -> ModelInfo:

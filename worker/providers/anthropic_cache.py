@@ -1,0 +1,167 @@
+"""Where to put Anthropic `cache_control` breakpoints on a payload's stable prefix.
+
+Rules (PAYLOADS.md §2.4, Anthropic's prompt-caching page): at most 4 breakpoints; the
+prefix runs tools, then system, then messages, and a breakpoint caches everything before
+it; a read is found only at an entry within the 20 blocks before a breakpoint; a prefix
+shorter than the model's minimum is silently not cached; thinking blocks and empty text
+cannot carry `cache_control`; a write lives 5 minutes by default, 1 hour with `ttl: "1h"`.
+
+Placement, most valuable first while slots remain:
+1. `history`: the last block expected to recur next turn (end of the stable prefix), so
+   the next turn reads all of it;
+2. `bridge`: where the previous turn put its `history` breakpoint, when that is out of
+   reach of (1) (a turn added 20 blocks or more), so this turn still reads it;
+3. `system`: the end of tools and system, which survives a history cut;
+4. `tools`: the end of tools, which survives a system prompt change.
+If the request placed any breakpoint itself, it is left exactly as it is and none is added.
+Pure: works on block token counts, no payload, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Literal
+
+CacheTTL = Literal["5m", "1h"]
+Section = Literal["tools", "system", "messages"]
+Why = Literal["history", "bridge", "system", "tools", "request"]
+
+MAX_BREAKPOINTS = 4
+LOOKBACK_BLOCKS = 20
+_ORDER: dict[Section, int] = {"tools": 0, "system": 1, "messages": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One content block as sent (a tool definition, a system text block, a message's
+    content block), in payload order."""
+
+    section: Section
+    tokens: int
+    cacheable: bool = True
+    """False for thinking blocks and empty text, which cannot carry `cache_control`."""
+    breakpoint_ttl: CacheTTL | None = None
+    """The TTL of a breakpoint the request itself put on this block; None: none there."""
+
+
+@dataclass(frozen=True, slots=True)
+class Breakpoint:
+    index: int
+    """Block index carrying `cache_control`."""
+    ttl: CacheTTL
+    why: Why
+    prefix_tokens: int
+    """Tokens cached by it: everything up to and including its block."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    breakpoints: tuple[Breakpoint, ...]
+    """In payload order."""
+    placed_by: Literal["tokenheap", "request"]
+    skipped: tuple[Why, ...] = ()
+    """Breakpoints worth placing that were not: below the minimum length or out of slots."""
+
+
+def cache_control(ttl: CacheTTL) -> dict[str, str]:
+    """The `cache_control` value for a breakpoint (5 minutes is the API's default)."""
+    return {"type": "ephemeral"} if ttl == "5m" else {"type": "ephemeral", "ttl": "1h"}
+
+
+def place_breakpoints(
+    blocks: Sequence[Block],
+    *,
+    stable_blocks: int,
+    min_tokens: int,
+    previous_blocks: int | None = None,
+    ttl: CacheTTL = "5m",
+    max_breakpoints: int = MAX_BREAKPOINTS,
+    lookback: int = LOOKBACK_BLOCKS,
+) -> Placement:
+    """Breakpoints for `blocks`, whose first `stable_blocks` are expected to recur in the
+    next turn and whose first `previous_blocks` (when known) repeat the previous turn's.
+
+    >>> blocks = [Block("system", 1500), *[Block("messages", 300)] * 6, Block("messages", 900)]
+    >>> [(b.index, b.why) for b in place_breakpoints(blocks, stable_blocks=7,
+    ...                                               min_tokens=1024).breakpoints]
+    [(0, 'system'), (6, 'history')]
+    """
+    _check_order(blocks)
+    if not 0 <= stable_blocks <= len(blocks):
+        raise ValueError(f"stable_blocks must be within the {len(blocks)} blocks")
+    cum = list(accumulate(b.tokens for b in blocks))
+    own = [i for i, b in enumerate(blocks) if b.breakpoint_ttl is not None]
+    if own:
+        placed = tuple(
+            Breakpoint(i, blocks[i].breakpoint_ttl or "5m", "request", cum[i]) for i in own
+        )
+        return Placement(placed, "request")
+
+    def last_cacheable(end: int) -> int | None:
+        """The last block before `end` that can carry cache_control."""
+        return next((i for i in range(end - 1, -1, -1) if blocks[i].cacheable), None)
+
+    head = sum(1 for b in blocks if b.section != "messages")
+    tools = sum(1 for b in blocks if b.section == "tools")
+    history = last_cacheable(stable_blocks)
+    wanted: list[tuple[Why, int | None]] = [("history", history)]
+    if previous_blocks is not None:
+        prev = last_cacheable(min(previous_blocks, stable_blocks))
+        if history is not None and prev is not None and history - prev >= lookback:
+            wanted.append(("bridge", prev))
+    wanted.append(("system", last_cacheable(min(head, stable_blocks))))
+    if tools < head:  # a separate tools entry only pays when a system section follows
+        wanted.append(("tools", last_cacheable(min(tools, stable_blocks))))
+
+    chosen: dict[int, Why] = {}
+    skipped: list[Why] = []
+    for why, index in wanted:
+        if index is None or index in chosen:
+            continue
+        if cum[index] < min_tokens or len(chosen) >= max_breakpoints:
+            skipped.append(why)
+        else:
+            chosen[index] = why
+    placed = tuple(Breakpoint(i, ttl, chosen[i], cum[i]) for i in sorted(chosen))
+    return Placement(placed, "tokenheap", tuple(skipped))
+
+
+def expected_cache_tokens(
+    blocks: Sequence[Block],
+    placement: Placement,
+    *,
+    previous_blocks: int,
+    min_tokens: int,
+    lookback: int = LOOKBACK_BLOCKS,
+) -> tuple[int, int]:
+    """(read, written) tokens of this placement, if the previous turn sent the same first
+    `previous_blocks` blocks within the TTL and placed its breakpoints by the same rules
+    (or, when the request places its own, at the same blocks).
+
+    A read is the longest previous entry within `lookback` blocks before one of this
+    turn's breakpoints; everything after it up to the last breakpoint is written.
+    """
+    if not placement.breakpoints:
+        return 0, 0
+    if placement.placed_by == "request":
+        old: Sequence[Breakpoint] = [b for b in placement.breakpoints if b.index < previous_blocks]
+    else:
+        shared = blocks[:previous_blocks]
+        old = place_breakpoints(
+            shared, stable_blocks=len(shared), min_tokens=min_tokens, lookback=lookback
+        ).breakpoints
+    read = 0
+    for entry in old:
+        if any(0 <= bp.index - entry.index < lookback for bp in placement.breakpoints):
+            read = max(read, entry.prefix_tokens)
+    return read, max(0, placement.breakpoints[-1].prefix_tokens - read)
+
+
+def _check_order(blocks: Sequence[Block]) -> None:
+    ranks = [_ORDER[b.section] for b in blocks]
+    if ranks != sorted(ranks):
+        raise ValueError("blocks must come as tools, then system, then messages")
+    if any(b.tokens < 0 for b in blocks):
+        raise ValueError("block token counts cannot be negative")
