@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from worker.errors import ConfigError, TokenheapError
-from worker.kafka_config import client_kwargs, partitions_of
+from worker.kafka_config import BrokerUnreachable, check_connection, client_kwargs, partitions_of
 from worker.publish.models import DeadLetter
 from worker.publish.produce import producer_kwargs, record_digest
 from worker.settings import Settings
@@ -58,6 +58,9 @@ def run_dlq(settings: Settings, action: str, limit: int) -> int:
                     file=sys.stderr,
                 )
             return 1 if report.refused else 0
+    except BrokerUnreachable as exc:
+        print(f"tokenheap dlq: {exc}", file=sys.stderr)
+        return 1
     except (KafkaError, TimeoutError) as exc:
         print(f"tokenheap dlq: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -66,6 +69,7 @@ def run_dlq(settings: Settings, action: str, limit: int) -> int:
 
 async def list_dead_letters(settings: Settings, limit: int, out: TextIO) -> int:
     """Print up to `limit` dead letters as JSON lines; returns how many."""
+    await check_connection(settings)  # a refused login stops here, clearly, once
     consumer = AIOKafkaConsumer(
         **client_kwargs(settings, "tokenheap-dlq"),
         enable_auto_commit=False,
@@ -183,6 +187,7 @@ async def replay_dead_letters(settings: Settings, limit: int) -> ReplayReport:
     """Re-publish up to `limit` dead letters (inline: from the letter; by reference: re-read
     from the source topic and checked against the digest). A letter that cannot be replayed
     is refused: neither it nor the later letters of its partition are marked done."""
+    await check_connection(settings)
     common = client_kwargs(settings, "tokenheap-dlq")
     consumer = AIOKafkaConsumer(
         **common,
