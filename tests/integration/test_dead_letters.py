@@ -19,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from tests.integration import worker_kit as kit
 from worker.dlq import list_dead_letters, replay_dead_letters, replay_group
+from worker.publish.produce import Source, dead_letter_message
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -138,10 +139,18 @@ async def test_a_large_original_is_kept_by_reference_and_refused_once_gone(
     finally:
         await admin.close()
 
+    # A replayable letter behind the refused one waits with it (progress is an offset).
+    behind = dead_letter_message(
+        names.dlq, Source(names.requests, 0, 99, None, b"k", b"{", ()),
+        reason_code="invalid_request", reason="bad", group_id=names.group,
+    )  # fmt: skip
+    await _send(kafka_bootstrap, names.dlq, [(behind.key, behind.value, [])])
+    ends = await kit.end_offsets(kafka_bootstrap, names.requests, 1)
     for _ in range(2):  # refused every time: it was never marked done
         report = await replay_dead_letters(settings, 10)
         assert report.replayed == 0
         assert [(r.dlq_offset, "no longer" in r.why) for r in report.refused] == [(1, True)]
     assert await kit.committed_offsets(kafka_bootstrap, replay_group(names.group)) == {0: 1}
+    assert await kit.end_offsets(kafka_bootstrap, names.requests, 1) == ends  # nothing sent
     code, _ = await kit.run_cli(settings, "dlq", "replay")
     assert code == 1
