@@ -9,6 +9,13 @@ Library use (tests, benchmarks)::
     with Broker() as broker:          # fetches the jars first if needed
         use(broker.bootstrap)         # "127.0.0.1:PORT"
 
+A SASL_SSL listener (TLS with SCRAM users) next to the plaintext one, for testing a
+secured client; the certificates are the caller's (this file makes none)::
+
+    secure = SecureListener(keystore=Path("broker.pem"), users={"alice": "s3cret"})
+    with Broker(secure=secure) as broker:
+        use(broker.secure_bootstrap)  # SASL_SSL on another port; broker.bootstrap stays open
+
 Command line (to try the worker locally)::
 
     python ops/kafka/broker.py fetch                  # only download the jars into ops/kafka/lib
@@ -38,6 +45,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -51,6 +59,7 @@ __all__ = [
     "STATE_DIR",
     "Broker",
     "BrokerError",
+    "SecureListener",
     "ensure_jars",
     "free_ports",
     "have_jars",
@@ -95,6 +104,61 @@ BASE_PROPERTIES: dict[str, str] = {
     "num.partitions": "1",
     "auto.create.topics.enable": "true",
 }
+
+
+SECURE_LISTENER = "SECURE"
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+_SCRAM_UNSAFE = set(",=[]\"' \n")
+
+
+@dataclass(frozen=True)
+class SecureListener:
+    """A ``SASL_SSL`` listener: TLS with the broker's key and certificate, SCRAM users.
+
+    ``keystore`` is one PEM file holding the broker's unencrypted PKCS#8 private key
+    (``BEGIN PRIVATE KEY``) followed by its certificate chain (``ssl.keystore.type=PEM``,
+    so no keytool); its certificate must name ``127.0.0.1`` (an IP subjectAltName), the
+    address the listener advertises. ``users`` (name -> password) are written into the
+    metadata log when storage is formatted (``StorageTool format --add-scram``), so they
+    exist before the broker first starts. The plaintext listener stays, for inter-broker
+    traffic and for test set-up (topics, reads) without credentials.
+    """
+
+    keystore: Path
+    users: Mapping[str, str] = field(default_factory=dict)
+    mechanism: str = "SCRAM-SHA-512"
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in SCRAM_MECHANISMS:
+            raise BrokerError(f"mechanism must be one of {SCRAM_MECHANISMS}")
+        for name, password in self.users.items():
+            # The --add-scram syntax has no quoting for these; refuse rather than mangle.
+            if not name or not password or _SCRAM_UNSAFE & set(name + password):
+                raise BrokerError(
+                    f"SCRAM user {name!r}: name and password must be non-empty, without "
+                    "spaces, quotes, ',', '=', '[' or ']'"
+                )
+
+    def properties(self) -> dict[str, str]:
+        """The listener's ``server.properties`` entries (listener-scoped, ``secure`` name)."""
+        prefix = f"listener.name.{SECURE_LISTENER.lower()}"
+        mech = self.mechanism.lower()
+        return {
+            f"{prefix}.sasl.enabled.mechanisms": self.mechanism,
+            f"{prefix}.{mech}.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+            f"{prefix}.ssl.keystore.type": "PEM",
+            f"{prefix}.ssl.keystore.location": str(self.keystore.resolve()),
+            f"{prefix}.ssl.client.auth": "none",
+        }
+
+    def format_args(self) -> list[str]:
+        """``--add-scram`` arguments for ``StorageTool format``."""
+        args: list[str] = []
+        for name, password in self.users.items():
+            args += ["--add-scram", f"{self.mechanism}=[name={name},password={password}]"]
+        return args
 
 
 class BrokerError(RuntimeError):
@@ -278,6 +342,7 @@ class Broker:
         overrides: Mapping[str, str] | None = None,
         detached: bool = False,
         keep_data: bool = False,
+        secure: SecureListener | None = None,
     ) -> None:
         """
         :param lib_dir: where the jars are (fetched there if missing).
@@ -287,6 +352,8 @@ class Broker:
         :param detached: run the broker in its own session so it can outlive this process
             (see ``detach()``); a plain child otherwise.
         :param keep_data: do not delete the data directory on ``stop()``/``kill()``.
+        :param secure: also open a ``SASL_SSL`` listener (see ``SecureListener``) on a
+            third port, ``secure_port`` / ``secure_bootstrap``.
         """
         self.lib_dir = lib_dir
         self.base_dir = base_dir
@@ -294,11 +361,13 @@ class Broker:
         self.overrides = dict(overrides or {})
         self.detached = detached
         self.keep_data = keep_data
+        self.secure = secure
         self.startup_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._data_dir: Path | None = None
         self._port = 0
         self._controller_port = 0
+        self._secure_port = 0
 
     # -- properties ---------------------------------------------------------------------
 
@@ -320,6 +389,18 @@ class Broker:
     def bootstrap(self) -> str:
         """``"127.0.0.1:PORT"``, for ``bootstrap_servers``."""
         return f"{HOST}:{self.port}"
+
+    @property
+    def secure_port(self) -> int:
+        self._need_dir()
+        if self.secure is None:
+            raise BrokerError("the broker has no secure listener: pass secure=SecureListener")
+        return self._secure_port
+
+    @property
+    def secure_bootstrap(self) -> str:
+        """``"127.0.0.1:PORT"`` of the ``SASL_SSL`` listener."""
+        return f"{HOST}:{self.secure_port}"
 
     @property
     def pid(self) -> int:
@@ -360,7 +441,9 @@ class Broker:
         ensure_jars(self.lib_dir)
         began = time.monotonic()
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            self._port, self._controller_port = free_ports(2)
+            ports = free_ports(3 if self.secure else 2)
+            self._port, self._controller_port = ports[:2]
+            self._secure_port = ports[2] if self.secure else 0
             self._data_dir = Path(
                 tempfile.mkdtemp(prefix="tokenheap-kafka-", dir=self.base_dir)
             ).resolve()
@@ -431,6 +514,7 @@ class Broker:
             "pid": self.pid,
             "port": self.port,
             "controller_port": self.controller_port,
+            **({"secure_bootstrap": self.secure_bootstrap} if self.secure else {}),
             "data_dir": str(self.data_dir),
             "log_path": str(self.log_path),
             "properties_path": str(self.properties_path),
@@ -467,6 +551,12 @@ class Broker:
                 "log.dirs": str(self.data_dir / "kraft-logs"),
             }
         )
+        if self.secure is not None:
+            secure = f"{SECURE_LISTENER}://{HOST}:{self._secure_port}"
+            props["listeners"] += f",{secure}"
+            props["advertised.listeners"] += f",{secure}"
+            props["listener.security.protocol.map"] += f",{SECURE_LISTENER}:SASL_SSL"
+            props.update(self.secure.properties())
         props.update(self.overrides)
         text = "".join(f"{key}={value}\n" for key, value in props.items())
         self.properties_path.write_text(text)
@@ -476,6 +566,7 @@ class Broker:
             _java(), "-Xmx256m", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
             "-cp", self._classpath(), "kafka.tools.StorageTool", "format",
             "-c", str(self.properties_path), "-t", new_cluster_id(),
+            *(self.secure.format_args() if self.secure else []),
         ]  # fmt: skip
         try:
             proc = subprocess.run(
@@ -485,6 +576,8 @@ class Broker:
             raise BrokerError("kafka StorageTool format timed out") from exc
         if proc.returncode != 0:
             out = (proc.stdout + proc.stderr).strip()[-4000:]
+            for password in self.secure.users.values() if self.secure else ():
+                out = out.replace(password, "***")
             raise BrokerError(f"kafka StorageTool format failed (exit {proc.returncode}):\n{out}")
 
     def _launch(self) -> None:
@@ -518,7 +611,7 @@ class Broker:
                 with open(self.log_path, "rb") as log:
                     log.seek(offset)
                     seen = READY_LINE.encode() in log.read()
-            if seen and _tcp_open(HOST, self._port) and _api_versions_ok(HOST, self._port):
+            if seen and self._answers():
                 return
             if time.monotonic() > deadline:
                 self._signal_and_wait(signal.SIGKILL, 10.0)
@@ -526,6 +619,12 @@ class Broker:
                     f"kafka was not ready after {self.start_timeout:.0f} s:\n{self.log_tail()}"
                 )
             time.sleep(0.1)
+
+    def _answers(self) -> bool:
+        """The plaintext port speaks Kafka, and the secure one (when there is one) is open."""
+        if not (_tcp_open(HOST, self._port) and _api_versions_ok(HOST, self._port)):
+            return False
+        return self.secure is None or _tcp_open(HOST, self._secure_port)
 
     def _signal_and_wait(self, sig: signal.Signals, timeout: float) -> None:
         proc = self._proc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import importlib.util
 import io
 import json
@@ -198,15 +199,16 @@ async def test_bad_messages_are_dead_lettered_while_the_partition_flows(
     assert [json.loads(x)["source_offset"] for x in stdout.splitlines()] == [1, 3]
 
     # -- dlq replay: bounded by the limit, progress kept by its own group ---------------
-    assert await replay_dead_letters(settings, 2) == (2, 0)
-    assert await replay_dead_letters(settings, 10) == (1, 1)  # the empty message has no bytes
-    assert await replay_dead_letters(settings, 10) == (0, 0)
+    assert (await replay_dead_letters(settings, 2)).replayed == 2
+    last = await replay_dead_letters(settings, 10)  # the null value is replayed as a null
+    assert (last.replayed, last.refused) == (2, [])
+    assert (await replay_dead_letters(settings, 10)).replayed == 0
     async with kit.Reader(
         kafka_bootstrap, [names.requests], names.partitions, committed_only=True
     ) as src:
-        await src.wait_for(lambda: len(src.on(names.requests)) >= len(values) + 3)
+        await src.wait_for(lambda: len(src.on(names.requests)) >= len(values) + 4)
     replayed = src.on(names.requests)[len(values) :]
-    assert [rec.value for rec in replayed] == [values[1], values[3], values[4]]
+    assert [rec.value for rec in replayed] == [values[1], values[3], values[4], values[5]]
     assert all(list(rec.headers) == headers for rec in replayed)
 
 
@@ -426,14 +428,17 @@ async def test_missing_topics_are_created_with_the_configured_partitions(
     assert await partitions_of(common, existing) == [0, 1]
 
 
-def test_a_dead_letter_too_large_to_keep_its_value_says_so() -> None:
+def test_a_dead_letter_too_large_to_copy_its_original_refers_to_it() -> None:
     """A base64 copy of a message near the size limit would not fit in one message: the
-    letter keeps the reason and position, drops the value and says why."""
-    source = Source("requests", 2, 41, None, b"key", b"x" * 900_000, (("h", b"v"),))
+    letter keeps the reason and position and refers to the original by digest."""
+    value = b"x" * 900_000
+    source = Source("requests", 2, 41, None, b"key", value, (("h", b"v"),))
     out = dead_letter_message("dlq", source, reason_code="request_too_large", reason="too big",
                               group_id="g")  # fmt: skip
     letter = json.loads(out.value)
     assert len(out.value) <= MAX_MESSAGE_BYTES and out.key == b"key"
-    assert "value_b64" not in letter and letter["headers"] == [{"key": "h", "value_b64": "dg=="}]
-    assert letter["reason"].startswith("too big (original value of 900000 bytes not kept")
+    assert letter["original"] == "reference" and letter["value_b64"] is None
+    assert letter["reason"] == "too big" and letter["headers"] == []
+    assert letter["reference"]["value_size"] == 900_000
+    assert letter["reference"]["value_sha256"] == hashlib.sha256(value).hexdigest()
     assert (letter["source_partition"], letter["source_offset"]) == (2, 41)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from worker.catalog import Catalog
-
 from benchmarks.cache_bench import Payload, simulate_anthropic, simulate_openai
+from worker.catalog import Catalog
 
 
 def payload(at: float, sizes: list[int], roles: list[str], salt: str = "") -> Payload:

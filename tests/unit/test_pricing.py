@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from worker.catalog import Catalog, load_catalog
 
+from worker.catalog import Catalog, load_catalog
 from worker.engine.pricing import (
     Prices,
     affordable_input_tokens,

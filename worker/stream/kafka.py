@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Sequence
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import for_code
+from aiokafka.conn import collect_hosts, create_conn
+from aiokafka.errors import (
+    IllegalSaslStateError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+    for_code,
+)
 from aiokafka.helpers import create_ssl_context
 
-from worker.errors import ConfigError
+from worker.errors import ConfigError, TokenheapError
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,81 @@ def client_kwargs(settings: Settings, client_id: str = "tokenheap") -> dict[str,
         kwargs["sasl_plain_username"] = settings.sasl_username
         kwargs["sasl_plain_password"] = settings.sasl_password.get_secret_value()
     return kwargs
+
+
+class BrokerRefused(ConfigError):
+    """The broker answered but will not let us in: credentials, mechanism or TLS trust.
+    The same settings fail the same way every time, so this stops at once, never retries."""
+
+    code = "kafka_refused"
+
+
+class BrokerUnreachable(TokenheapError):
+    """No broker answered (down, wrong address, a network cut): worth retrying."""
+
+    code = "kafka_unreachable"
+    retriable = True
+
+
+def connection_error(exc: BaseException, settings: Settings, address: str) -> TokenheapError:
+    """What a failed connection attempt to `address` means, in the settings' own words.
+
+    aiokafka logs the cause and raises a bare "Unable to bootstrap", so callers that want to
+    tell a typo'd password (fatal) from an outage (retry) connect once with `check_connection`
+    and get one of these. The password is never part of the message.
+    """
+    user, mech = settings.sasl_username, settings.sasl_mechanism
+    if isinstance(exc, SaslAuthenticationFailed):
+        return BrokerRefused(
+            f"{address}: the broker rejected SASL {mech} authentication for user {user!r} "
+            "(wrong password, unknown user, or no credentials of that mechanism); check "
+            "TOKENHEAP_SASL_USERNAME and TOKENHEAP_SASL_PASSWORD"
+        )
+    if isinstance(exc, UnsupportedSaslMechanismError | IllegalSaslStateError):
+        return BrokerRefused(f"{address}: {exc}; check TOKENHEAP_SASL_MECHANISM")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        trust = settings.ssl_cafile or "the system CA store"
+        return BrokerRefused(
+            f"{address}: the broker's TLS certificate is not trusted ({exc.verify_message}): "
+            f"{trust} (TOKENHEAP_SSL_CAFILE) did not sign it, or it does not name this host"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return BrokerRefused(
+            f"{address}: TLS handshake failed ({exc.reason or exc}); does the listener speak "
+            f"{settings.security_protocol} (TOKENHEAP_SECURITY_PROTOCOL)?"
+        )
+    if isinstance(exc, OSError | TimeoutError | KafkaError):
+        return BrokerUnreachable(f"{address}: not reachable ({type(exc).__name__}: {exc})")
+    return TokenheapError(f"{address}: {type(exc).__name__}: {exc}")
+
+
+_CONN_KEYS = frozenset(
+    {"client_id", "security_protocol", "ssl_context", "sasl_mechanism", "sasl_plain_username",
+     "sasl_plain_password"}
+)  # fmt: skip
+
+
+async def check_connection(settings: Settings, timeout_s: float = 10.0) -> None:
+    """Connect once to the bootstrap servers as the clients will (TLS, SASL); return at the
+    first that lets us in. Otherwise raise `connection_error`'s answer: BrokerRefused if any
+    server refused us (fatal), else BrokerUnreachable. One attempt per server, no retries:
+    that is the caller's policy."""
+    kwargs = client_kwargs(settings, "tokenheap-probe")
+    conn_kwargs = {k: v for k, v in kwargs.items() if k in _CONN_KEYS}
+    request_ms = max(1, int(timeout_s * 1000))
+    errors: list[TokenheapError] = []
+    for host, port, _family in collect_hosts(settings.bootstrap_servers, randomize=False):
+        address = f"{host}:{port}"
+        try:
+            async with asyncio.timeout(timeout_s):
+                conn = await create_conn(host, port, request_timeout_ms=request_ms, **conn_kwargs)
+        except Exception as exc:
+            errors.append(connection_error(exc, settings, address))
+            continue
+        conn.close()
+        return
+    refused = [e for e in errors if isinstance(e, BrokerRefused)]
+    raise (refused or errors or [BrokerUnreachable("no bootstrap servers")])[0]
 
 
 def worker_topics(settings: Settings) -> list[str]:

@@ -19,13 +19,14 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from hashlib import sha256
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from worker.engine.result import ErrorInfo, FitResult
 from worker.errors import TransactionFailed
-from worker.stream.messages import DeadLetter, Header
+from worker.stream.messages import DeadLetter, Header, OriginalReference
 from worker.telemetry.alerts import AlertMessage
 from worker.telemetry.hooks import Telemetry
 
@@ -92,11 +93,25 @@ class Source:
     headers: Sequence[tuple[str, bytes | None]] = ()
 
 
+HEAD_BYTES = 4096
+"""How much of a referenced original's value a letter keeps, to show what it was."""
+MAX_REASON_CHARS = 4096
+"""A reason longer than this is cut in a referenced letter, which must always fit."""
+
+
 def dead_letter_message(
-    topic: str, source: Source, *, reason_code: str, reason: str, group_id: str
+    topic: str,
+    source: Source,
+    *,
+    reason_code: str,
+    reason: str,
+    group_id: str,
+    max_bytes: int = MAX_MESSAGE_BYTES,
 ) -> Outgoing:
-    """The original bytes and headers, base64, with why and where from; when they would not
-    fit in one message the value (then the headers) is left out and the reason says so."""
+    """The original record (key, value, headers: null, empty and binary kept apart) in base64,
+    with why and where from. When that letter would not fit in `max_bytes` (an original over
+    about three quarters of the limit), the record is kept by reference instead: its position,
+    digests, size and first bytes; `dlq replay` re-reads it from the source topic."""
     letter = DeadLetter(
         reason_code=reason_code,
         reason=reason,
@@ -104,27 +119,70 @@ def dead_letter_message(
         source_partition=source.partition,
         source_offset=source.offset,
         source_timestamp_ms=source.timestamp_ms,
+        original="inline",
         key_b64=_b64(source.key),
         value_b64=_b64(source.value),
         headers=[Header(key=k, value_b64=_b64(v)) for k, v in source.headers],
         group_id=group_id,
         failed_at=datetime.now(UTC),
     )
-    value = letter.model_dump_json(exclude_none=True).encode()
-    if len(value) > MAX_MESSAGE_BYTES:
-        size = len(source.value or b"")
-        letter = letter.model_copy(
-            update={
-                "value_b64": None,
-                "reason": f"{reason} (original value of {size} bytes not kept: over the "
-                "dead-letter message limit)",
-            }
-        )
-        value = letter.model_dump_json(exclude_none=True).encode()
-        if len(value) > MAX_MESSAGE_BYTES:
-            letter = letter.model_copy(update={"headers": []})
-            value = letter.model_dump_json(exclude_none=True).encode()
-    return Outgoing(topic, source.key, value)
+    value = _letter_bytes(letter)
+    if _size(source.key, value) <= max_bytes:
+        return Outgoing(topic, source.key, value)
+    letter = letter.model_copy(
+        update={
+            "original": "reference",
+            "reason": reason[:MAX_REASON_CHARS],
+            "key_b64": None,
+            "value_b64": None,
+            "headers": [],
+            "reference": OriginalReference(
+                record_sha256=record_digest(source.key, source.value, source.headers),
+                value_sha256=None if source.value is None else sha256(source.value).hexdigest(),
+                value_size=None if source.value is None else len(source.value),
+                key_size=None if source.key is None else len(source.key),
+                header_count=len(source.headers),
+                head_b64=_b64((source.value or b"")[:HEAD_BYTES]) or "",
+            ),
+        }
+    )
+    value = _letter_bytes(letter)
+    # The letter's own key only partitions the DLQ: drop it rather than the letter.
+    key = source.key if _size(source.key, value) <= max_bytes else None
+    return Outgoing(topic, key, value)
+
+
+def record_digest(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]]
+) -> str:
+    """Hex SHA-256 over the key, the value and the headers in order, each part prefixed by its
+    length as 8 big-endian bytes (all ones for null), so null, empty and a different split of
+    the same bytes all give different digests."""
+    h = sha256()
+
+    def part(data: bytes | None) -> None:
+        h.update(_NULL_LEN if data is None else len(data).to_bytes(8, "big"))
+        h.update(data or b"")
+
+    part(key)
+    part(value)
+    h.update(len(headers).to_bytes(8, "big"))
+    for k, v in headers:
+        part(k.encode())
+        part(v)
+    return h.hexdigest()
+
+
+_NULL_LEN = b"\xff" * 8
+
+
+def _letter_bytes(letter: DeadLetter) -> bytes:
+    # Not exclude_none: a null header value, key or value is data, and must be written.
+    return letter.model_dump_json().encode()
+
+
+def _size(key: bytes | None, value: bytes) -> int:
+    return len(key or b"") + len(value)
 
 
 def _b64(data: bytes | None) -> str | None:
