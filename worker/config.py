@@ -31,6 +31,7 @@ class ModelInfo(_Frozen):
     max_output: Annotated[int, Field(gt=0)]
     max_input: Annotated[int, Field(gt=0)] | None = None
     encoding: str | None = None
+    tokenizer_family: str | None = None  # Claude: a key of `claude_tokenizers.families`
 
     @model_validator(mode="after")
     def _openai_needs_encoding(self) -> ModelInfo:
