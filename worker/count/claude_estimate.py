@@ -122,15 +122,17 @@ def o200k_text_counter(cache: CountCache | None = None) -> TextCounter:
 
 def ctok_text_counter(version: str) -> TextCounter:
     """Counts with ``ctok`` (an offline reconstruction of Claude's tokenizer; Python >= 3.12,
-    the optional ``ctok`` extra). Its counts include a one-message frame, measured here on an
-    empty text and subtracted, so they are content-only like the o200k counter's.
+    the optional ``ctok`` extra). Its counts include a one-message frame, measured here as
+    the count of "a" (one token in every family) less one and subtracted, so they are
+    content-only like the o200k counter's (ctok 1.3: frame 7 for "3.0", 11 for "4.7",
+    6 for "4.8"; an empty text counts one more than the bare frame, so it is not the probe).
 
     Raises ConfigError when ctok is not installed."""
     try:
         import ctok  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         raise ConfigError("ctok is not installed (Python >= 3.12: pip install ctok)") from None
-    frame = int(ctok.token_count("", version))
+    frame = int(ctok.token_count("a", version)) - 1
 
     def count(texts: Sequence[str]) -> list[int]:
         return [max(0, int(ctok.token_count(t, version)) - frame) if t else 0 for t in texts]
@@ -280,6 +282,7 @@ class RatioLearner:
         min_samples: int = 5,
         min_text: int = 64,
         max_families: int = 64,
+        max_hints: int = 65536,
         bounds: tuple[float, float] = (0.2, 5.0),
     ) -> None:
         if window < 1 or not 0.5 <= quantile <= 1 or min_samples < 1:
@@ -294,9 +297,17 @@ class RatioLearner:
         self._lock = threading.Lock()
         self._seen: OrderedDict[str, deque[float]] = OrderedDict()
         self._sorted: dict[str, list[float]] = {}
+        self._max_hints = max_hints
+        self._hints: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self._hint_errors: dict[str, deque[float]] = {}
 
-    def observe(self, family: str, estimate: ClaudeEstimate, confirmed: int) -> float | None:
-        """Learn from one confirmed count; returns the observed ratio (None if ignored)."""
+    def observe(
+        self, family: str, estimate: ClaudeEstimate, confirmed: int, key: bytes | None = None
+    ) -> float | None:
+        """Learn from one confirmed count; returns the observed ratio (None if ignored).
+
+        ``key`` names a conversation (``conversation_key``): its last ratio becomes the hint
+        for its next turn, which resends mostly the same text."""
         if estimate.text < self._min_text:
             return None
         r = estimate.ratio_of(confirmed)
@@ -305,6 +316,8 @@ class RatioLearner:
         lo, hi = self._bounds
         r = min(hi, max(lo, r))
         with self._lock:
+            if key is not None:
+                self._remember_hint(family, key, r)
             seen = self._seen.get(family)
             if seen is None:
                 seen = self._seen[family] = deque(maxlen=self._window)
@@ -318,6 +331,27 @@ class RatioLearner:
             seen.append(r)
             bisect.insort(ordered, r)
         return r
+
+    def _remember_hint(self, family: str, key: bytes, r: float) -> None:
+        hint = self._hints.pop((family, key), None)
+        if hint is not None:
+            errors = self._hint_errors.setdefault(family, deque(maxlen=self._window))
+            errors.append(r / hint)
+        self._hints[(family, key)] = r
+        while len(self._hints) > self._max_hints:
+            self._hints.popitem(last=False)
+
+    def hinted_ratio(self, family: str, key: bytes) -> float | None:
+        """A safe ratio for a conversation's next turn: its last observed ratio times a high
+        quantile of how far such hints have been off (2% until enough were seen)."""
+        with self._lock:
+            hint = self._hints.get((family, key))
+            if hint is None:
+                return None
+            errors = sorted(self._hint_errors.get(family) or ())
+            if len(errors) < self._min_samples:
+                return hint * 1.02
+            return hint * max(1.0, _quantile(errors, self._quantile))
 
     def _prior(self, family: str) -> Family:
         prior = self._priors.get(family)
@@ -347,6 +381,12 @@ class RatioLearner:
         with self._lock:
             n = len(self._sorted.get(family) or [])
         return RatioStats(family, n, self.ratio(family), self.safe_ratio(family))
+
+
+def conversation_key(model: str, system: str | None, first_message: str) -> bytes:
+    """A conversation's identity for ratio hints: model, system prompt and its first message
+    (the part every later turn resends unchanged)."""
+    return digest("\x00".join((model, system or "", first_message)))
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float:

@@ -55,7 +55,10 @@ class FitPolicy:
     """Knobs of the confirm loop; the defaults meet issue 11's goals in the property tests."""
 
     aim: float = 0.99
-    """After a confirmation, re-allocations aim at this fraction of the budget."""
+    """After an overrun, re-allocations aim at this fraction of the budget."""
+    take_back_aim: float = 1.0
+    """Take-backs aim at this fraction: the result is confirmed anyway, and an overshoot only
+    costs the call (the confirmed plan before it is kept)."""
     take_back_below: float = 0.95
     """Under this fraction of the budget with something dropped: try to take back."""
     max_rounds: int = 4
@@ -73,6 +76,7 @@ async def fit_confirmed(
     budget: int,
     learner: RatioLearner,
     family: str,
+    key: bytes | None = None,
     policy: FitPolicy = FitPolicy(),
 ) -> Confirmed[P, Y]:
     """Allocate, render and confirm until the confirmed count fits ``budget``.
@@ -80,30 +84,33 @@ async def fit_confirmed(
     ``allocate(target, ratio)`` must return a plan whose predicted cost, each text's local
     count times ``ratio`` plus fixed costs (``ClaudeEstimate.scaled``), is at most
     ``target``; it may raise when nothing fits (the error propagates). ``render`` builds the
-    payload, ``estimate`` its local estimate, ``count`` its confirmed count.
+    payload, ``estimate`` its local estimate, ``count`` its confirmed count. ``key`` (a
+    ``conversation_key``) lets a conversation's next turn start from its last turn's ratio.
 
     Targets are in true (API) tokens; after each confirmation ``ratio`` becomes the last
     payload's own ratio, which calibrates the next allocation on content that is mostly the
     same. An overrun shrinks the target by the measured excess; a take-back never aims at or
     above a target that already overran.
     """
-    ratio = learner.safe_ratio(family)
+    hinted = learner.hinted_ratio(family, key) if key is not None else None
+    ratio = hinted or learner.safe_ratio(family)
     aimed = math.floor(budget * policy.aim)
+    take_back = math.floor(budget * policy.take_back_aim)
     target = budget
     over_target: int | None = None  # the smallest target whose payload overran
     best: Confirmed[P, Y] | None = None
     calls = take_backs = 0
-    last_payload: Y | None = None
+    seen: list[Y] = []
     while calls < policy.max_rounds:
         plan = allocate(target, ratio)
         payload = render(plan)
-        if last_payload is not None and payload == last_payload:
-            break  # the allocator settled on the same payload: nothing new to confirm
-        last_payload = payload
+        if payload in seen:
+            break  # the allocator came back to a payload already confirmed: no progress
+        seen.append(payload)
         est = estimate(payload)
         tokens = await count(payload)
         calls += 1
-        learner.observe(family, est, tokens)
+        learner.observe(family, est, tokens, key)
         observed = est.ratio_of(tokens)
         if observed is not None and observed > 0:
             ratio = observed
@@ -128,9 +135,9 @@ async def fit_confirmed(
             or take_backs >= policy.max_take_back_rounds
         ):
             break
-        nxt = aimed
+        nxt = take_back
         if over_target is not None:
-            nxt = min(aimed, over_target - 1)
+            nxt = min(take_back, over_target - 1)
             if nxt <= target:
                 nxt = (target + over_target) // 2  # between what fitted and what overran
             if nxt <= target:
