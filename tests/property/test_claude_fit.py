@@ -19,7 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.count.claude_estimate import ClaudeEstimate, Family, RatioLearner
-from worker.count.claude_fit import Confirmed, FitNotConfirmed, FitPolicy, fit_confirmed
+from worker.count.claude_fit import (
+    Confirmed,
+    FitNotConfirmed,
+    FitPolicy,
+    apportion,
+    fit_confirmed,
+)
 
 FAMILY = "fake"
 PRIORS = {FAMILY: Family(prior_ratio=1.0, prior_margin=0.15)}
@@ -184,3 +190,28 @@ def test_raises_when_nothing_can_be_confirmed() -> None:
                 family=FAMILY,
             )
         )
+
+
+@given(
+    parts=st.dictionaries(
+        st.sampled_from(["system", "history", "context", "query", "framing"]),
+        st.tuples(st.integers(0, 10_000), st.integers(0, 500)),
+        max_size=5,
+    ),
+    total=st.integers(0, 200_000),
+    ratio=st.floats(0.2, 3.0),
+)
+def test_apportioned_slots_add_up_to_the_confirmed_total(
+    parts: dict[str, tuple[int, int]], total: int, ratio: float
+) -> None:
+    ests = {k: ClaudeEstimate(t, f) for k, (t, f) in parts.items()}
+    got = apportion(ests, total, ratio)
+    assert set(got) == set(parts)
+    if parts:
+        assert sum(got.values()) == total
+    assert all(v >= 0 for v in got.values())
+    # Bigger estimates never get fewer tokens than smaller ones (beyond rounding).
+    for a in ests:
+        for b in ests:
+            if ests[a].text * ratio + ests[a].fixed > ests[b].text * ratio + ests[b].fixed:
+                assert got[a] >= got[b] - 1

@@ -6,6 +6,7 @@ tokenizer unlike the local o200k estimate, so nothing here works by coincidence.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -231,6 +232,16 @@ async def test_confirmer_returns_the_servers_count_and_replays_cost_nothing(
     assert await confirmer.count(dict(RICH)) == got
     assert bytes_server.calls == 1
     assert confirmer.cache_hits == 1
+
+
+async def test_identical_payloads_in_flight_share_one_call(
+    make_confirmer: Callable[..., PayloadConfirmer], bytes_server: Any, fault: Any
+) -> None:
+    confirmer = make_confirmer()
+    bytes_server.script(fault.delay(0.2))  # keeps the first call in flight while others ask
+    got = await asyncio.gather(*(confirmer.count(dict(RICH)) for _ in range(5)))
+    assert len(set(got)) == 1
+    assert bytes_server.calls == 1
 
 
 async def test_confirmer_honours_retry_after_through_the_limiter(

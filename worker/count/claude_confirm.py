@@ -66,10 +66,16 @@ class ConfirmedCounts:
         self._cache = CountCache(max_bytes)
 
     def get(self, payload: Payload) -> int | None:
-        return self._cache.get(_NAMESPACE, payload_digest(payload))
+        return self.get_digest(payload_digest(payload))
 
     def put(self, payload: Payload, tokens: int) -> None:
-        self._cache.put(_NAMESPACE, payload_digest(payload), tokens)
+        self.put_digest(payload_digest(payload), tokens)
+
+    def get_digest(self, key: bytes) -> int | None:
+        return self._cache.get(_NAMESPACE, key)
+
+    def put_digest(self, key: bytes, tokens: int) -> None:
+        self._cache.put(_NAMESPACE, key, tokens)
 
     @property
     def hits(self) -> int:
@@ -151,15 +157,33 @@ class PayloadConfirmer:
         self._backoff_s = backoff_s
         self._deadline_s = deadline_s
         self._sleep = sleep
+        self._inflight: dict[bytes, asyncio.Future[int]] = {}
         self.calls = 0
         self.cache_hits = 0
         self.failures = 0
 
     async def count(self, payload: Payload) -> int:
-        cached = self.cache.get(payload)
+        """The confirmed count; identical payloads in flight at once share one call."""
+        key = payload_digest(payload)
+        cached = self.cache.get_digest(key)
         if cached is not None:
             self.cache_hits += 1
             return cached
+        inflight = self._inflight.get(key)
+        if inflight is not None:
+            self.cache_hits += 1
+            return await asyncio.shield(inflight)
+        task = asyncio.ensure_future(self._count_new(payload, key))
+        self._inflight[key] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._inflight.pop(key, None)
+            else:  # this caller was cancelled: the call goes on for the others
+                task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+
+    async def _count_new(self, payload: Payload, key: bytes) -> int:
         model = str(payload.get("model") or "")
         try:
             if self._deadline_s is None:
@@ -170,7 +194,7 @@ class PayloadConfirmer:
         except (anthropic.APIError, TimeoutError) as exc:
             self.failures += 1
             raise _translate(exc, model, self._attempts) from exc
-        self.cache.put(payload, tokens)
+        self.cache.put_digest(key, tokens)
         return tokens
 
     async def _count_with_retries(self, payload: Payload) -> int:

@@ -18,7 +18,7 @@ the learner, so later fits start closer.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -151,3 +151,30 @@ async def fit_confirmed(
     return Confirmed(
         best.plan, best.payload, best.tokens, best.estimate, best.ratio, calls, best.rounds
     )
+
+
+def apportion(parts: Mapping[str, ClaudeEstimate], total: int, ratio: float) -> dict[str, int]:
+    """Split a confirmed total over slots in proportion to their scaled estimates.
+
+    Per-piece counts no longer come from the API, so per-slot usage is apportioned from the
+    local estimate (and must be reported as such); the slots add up to ``total`` exactly
+    (largest remainders), so the total stays the API's count.
+
+    >>> apportion({"system": ClaudeEstimate(10, 2), "history": ClaudeEstimate(30, 18)}, 60, 1.0)
+    {'system': 12, 'history': 48}
+    """
+    if total < 0:
+        raise ValueError("total must be >= 0")
+    weights = {k: max(0.0, e.text * ratio + e.fixed) for k, e in parts.items()}
+    mass = sum(weights.values())
+    if not parts:
+        return {}
+    if mass <= 0:
+        weights = dict.fromkeys(parts, 1.0)
+        mass = float(len(parts))
+    shares = {k: total * w / mass for k, w in weights.items()}
+    out = {k: math.floor(v) for k, v in shares.items()}
+    left = total - sum(out.values())
+    for k in sorted(shares, key=lambda k: out[k] - shares[k])[:left]:
+        out[k] += 1
+    return out
