@@ -215,3 +215,27 @@ def test_apportioned_slots_add_up_to_the_confirmed_total(
         for b in ests:
             if ests[a].text * ratio + ests[a].fixed > ests[b].text * ratio + ests[b].fixed:
                 assert got[a] >= got[b] - 1
+
+
+def test_an_async_estimate_is_awaited() -> None:
+    rng = random.Random(9)
+    w = Workload(make_items(rng, 100, 100, 1000))
+
+    async def estimate(plan: tuple[int, ...]) -> ClaudeEstimate:
+        await asyncio.sleep(0)
+        return w.estimate(plan)
+
+    got = asyncio.run(
+        fit_confirmed(
+            allocate=w.allocate,
+            render=lambda plan: plan,
+            estimate=estimate,
+            count=w.count,
+            dropped_any=w.dropped_any,
+            budget=5000,
+            learner=RatioLearner(PRIORS),
+            family=FAMILY,
+        )
+    )
+    assert got.tokens == true_of(w.items, got.plan) <= 5000
+    assert got.estimate == w.estimate(got.plan)

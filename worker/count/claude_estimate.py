@@ -97,21 +97,31 @@ def load_claude_tokenizers(models_yaml: Path) -> ClaudeTokenizers:
 
 
 def o200k_text_counter(cache: CountCache | None = None) -> TextCounter:
-    """Counts with the shipped o200k BPE; with ``cache``, each distinct text once (the
-    engine's shared cache: conversation history is counted once, not every turn)."""
+    """Counts with the shipped o200k BPE; with ``cache``, each distinct text once.
+
+    The cache keys are the engine's own (namespace ``o200k_base``, ``digest(text)``), so
+    counts its local counter made off the event loop are hits here. This call is
+    synchronous CPU work: on the event loop, use it only where the texts are cached, or
+    run it in the engine's executor."""
     from worker.count.vocab import encoding
 
     enc = encoding("o200k_base")
     namespace = "o200k_base"
 
+    def encode(texts: list[str]) -> list[int]:
+        # The batch call starts a thread pool per call: only worth it for many texts.
+        if len(texts) < 16:
+            return [len(enc.encode_ordinary(t)) for t in texts]
+        return [len(t) for t in enc.encode_ordinary_batch(texts)]
+
     def count(texts: Sequence[str]) -> list[int]:
         if cache is None:
-            return [len(t) for t in enc.encode_ordinary_batch(list(texts))] if texts else []
+            return encode(list(texts))
         keys = [digest(t) for t in texts]
         known = cache.get_many(namespace, keys)
         misses = [i for i, v in enumerate(known) if v is None]
         if misses:
-            fresh = [len(t) for t in enc.encode_ordinary_batch([texts[i] for i in misses])]
+            fresh = encode([texts[i] for i in misses])
             cache.put_many(namespace, [(keys[i], n) for i, n in zip(misses, fresh, strict=True)])
             for i, n in zip(misses, fresh, strict=True):
                 known[i] = n

@@ -17,6 +17,7 @@ the learner, so later fits start closer.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ async def fit_confirmed(
     *,
     allocate: Callable[[int, float], P],
     render: Callable[[P], Y],
-    estimate: Callable[[Y], ClaudeEstimate],
+    estimate: Callable[[Y], ClaudeEstimate | Awaitable[ClaudeEstimate]],
     count: Callable[[Y], Awaitable[int]],
     dropped_any: Callable[[P], bool],
     budget: int,
@@ -84,7 +85,9 @@ async def fit_confirmed(
     ``allocate(target, ratio)`` must return a plan whose predicted cost, each text's local
     count times ``ratio`` plus fixed costs (``ClaudeEstimate.scaled``), is at most
     ``target``; it may raise when nothing fits (the error propagates). ``render`` builds the
-    payload, ``estimate`` its local estimate, ``count`` its confirmed count. ``key`` (a
+    payload, ``estimate`` its local estimate (sync, or async to run a large tokenization
+    off the event loop; cheapest is the sum of the per-piece costs the allocator already
+    has), ``count`` its confirmed count. ``key`` (a
     ``conversation_key``) lets a conversation's next turn start from its last turn's ratio.
 
     Targets are in true (API) tokens; after each confirmation ``ratio`` becomes the last
@@ -107,7 +110,8 @@ async def fit_confirmed(
         if payload in seen:
             break  # the allocator came back to a payload already confirmed: no progress
         seen.append(payload)
-        est = estimate(payload)
+        got = estimate(payload)
+        est = await got if inspect.isawaitable(got) else got
         tokens = await count(payload)
         calls += 1
         learner.observe(family, est, tokens, key)
