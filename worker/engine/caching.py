@@ -116,7 +116,7 @@ def _anthropic(
     sizes.append(max(0, usage.total_tokens - sum(sizes)))
     if len(sizes) != len(where):  # a payload shape this step does not know: leave it be
         return 0, 0
-    texts = [system or "", *(m["content"] for m in messages)]
+    texts = [*([system] if system else []), *(m["content"] for m in messages)]
     blocks = [
         Block(section, n, cacheable=bool(text), breakpoint_ttl=own)
         for (section, _, _, own), n, text in zip(where, sizes, texts, strict=True)
