@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from worker.catalog import CachingConfig, Catalog, ModelInfo, Profile
 from worker.engine.budget import Budget, budget_for
@@ -19,7 +19,7 @@ class Prepared:
     budget: Budget
     layout: Layout
     texts: list[str]
-    caching: CachingConfig = CachingConfig()
+    caching: CachingConfig = field(default_factory=CachingConfig)
 
 
 def prepare(catalog: Catalog, req: AssemblyRequest) -> Prepared:
