@@ -110,18 +110,17 @@ def payload(res: FitResult, at: float, tok: Tokens, new_messages: int) -> Payloa
 
 
 def fit_both(
-    engine: Engine, reqs: Sequence[AssemblyRequest]
+    engine: Engine, reqs: Sequence[AssemblyRequest], profile: str = "rag-chatbot"
 ) -> tuple[list[FitResult], list[FitResult]]:
     """The same requests fitted twice by the engine: today's newest-first trimming
     (`budget.stable_history: false`) and the profile's default, the cache-stable cut."""
-    today = [
-        r.model_copy(update={"budget": r.budget.model_copy(update={"stable_history": False})})
-        for r in reqs
-    ]
-    stable = [
-        r.model_copy(update={"budget": r.budget.model_copy(update={"stable_history": None})})
-        for r in reqs
-    ]
+
+    def with_budget(r: AssemblyRequest, stable: bool | None) -> AssemblyRequest:
+        spec = r.budget.model_copy(update={"stable_history": stable, "profile": profile})
+        return r.model_copy(update={"budget": spec})
+
+    today = [with_budget(r, False) for r in reqs]
+    stable = [with_budget(r, None) for r in reqs]
     out_today, out_stable = engine.fit_many_sync(today), engine.fit_many_sync(stable)
     for res in (*out_today, *out_stable):
         assert res.status == "ok", res
@@ -232,6 +231,7 @@ def main() -> None:
     # a 77% bound): 4 chunks of 150-600 tokens in a 10k window
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--window", type=int, default=10_000)
+    ap.add_argument("--profile", default="rag-chatbot", help="a profile that keeps history")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--gap", type=float, default=60.0, help="seconds between turns")
     args = ap.parse_args()
@@ -247,7 +247,7 @@ def main() -> None:
     reqs = [AssemblyRequest.model_validate(r) for r in raw]
     catalog = default_catalog()
     engine = Engine(catalog)
-    today, stable = fit_both(engine, reqs)
+    today, stable = fit_both(engine, reqs, args.profile)
     tok = Tokens()
     runs: dict[str, list[Payload]] = {"today": [], "stable": []}
     for i, raw_req in enumerate(raw):
@@ -279,8 +279,8 @@ def main() -> None:
     n = len(reqs)
     print(
         f"{args.conversations} conversations x {args.turns} turns = {n} requests, window "
-        f"{args.window}, profile rag-chatbot (grid block "
-        f"{catalog.profile('rag-chatbot').history_block_share:.0%} of the window), "
+        f"{args.window}, profile {args.profile} (grid block "
+        f"{catalog.profile(args.profile).history_block_share:.0%} of the window), "
         f"{args.gap:g}s between turns\n"
     )
     print(
