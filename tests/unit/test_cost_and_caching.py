@@ -58,7 +58,6 @@ def test_a_model_without_prices_reports_no_cost_and_says_why(
     assert res.status == "ok" and res.usage is not None
     assert res.usage.cost is None and res.usage.cost_unavailable is not None
     assert "gpt-4o" in res.usage.cost_unavailable
-    assert "No prices" not in render_table(res) and "cost" not in render_table(res)
     assert capped.status == "error" and capped.error is not None
     assert capped.error.code == "invalid_request"
 
