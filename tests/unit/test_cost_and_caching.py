@@ -189,3 +189,26 @@ def test_table_shows_the_cost(engine: Engine, make_request: MakeRequest) -> None
     assert res.usage is not None and res.usage.cost is not None
     lines = [line for line in render_table(res).splitlines() if line.strip().startswith("cost")]
     assert len(lines) == 1 and f"${res.usage.cost.input:.6f}" in lines[0]
+
+
+async def test_claude_counted_by_the_api_gets_breakpoints_on_the_confirmed_payload(
+    catalog: Catalog, anthropic_server: Any
+) -> None:
+    from worker.count.anthropic_api import AnthropicCounter, make_client
+
+    cache = CountCache(1 << 20)
+
+    def counter() -> AnthropicCounter:
+        client = make_client("test-key", anthropic_server.base_url, 2.0, 1)
+        return AnthropicCounter(client, cache=cache, deadline_s=5.0)
+
+    async with Engine(catalog=catalog, cache=cache, anthropic_factory=counter) as engine:
+        res = await engine.fit(claude_request())
+    assert res.status == "ok" and res.exact and res.usage is not None
+    assert res.prompt_cache is not None and res.prompt_cache.anthropic is not None
+    sdk_valid(ANTHROPIC_MESSAGES, res.prompt_cache.anthropic.messages)
+    sdk_valid(ANTHROPIC_SYSTEM, res.prompt_cache.anthropic.system)
+    cost = res.usage.cost
+    assert cost is not None
+    last = res.prompt_cache.breakpoints[-1].prefix_tokens
+    assert cost.cached_tokens + cost.cache_write_tokens == last < res.usage.total_tokens
