@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from worker.catalog import load_catalog
+from worker.catalog import CachingConfig, load_catalog
 from worker.count.backends import BackendName
 from worker.count.cache import CountCache
 from worker.engine.decode import Limits
@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 def build_engine(settings: Settings, backend: BackendName | None = None) -> Engine:
     """The engine as configured: catalog, shared cache, counting threads, Claude client."""
     catalog = load_catalog(settings.config_dir)
+    caching = CachingConfig(
+        anthropic_ttl=settings.anthropic_cache_ttl,
+        anthropic_breakpoints=settings.anthropic_breakpoints,
+        prompt_cache_key=settings.prompt_cache_key,
+    )
+    catalog = catalog.model_copy(update={"caching": caching})
     cache = CountCache(settings.cache_bytes)
 
     def anthropic() -> AnthropicCounter:

@@ -91,6 +91,19 @@ class Settings(BaseSettings):
         description="When the count API cannot answer: a retriable error, or an estimate",
     )
 
+    # Provider prompt caches
+    anthropic_cache_ttl: Literal["5m", "1h"] = Field(
+        "5m", description="Lifetime of the cache_control breakpoints placed on Claude payloads"
+    )
+    anthropic_breakpoints: bool = Field(
+        True, description="Place cache_control on Claude payloads' stable prefix"
+    )
+    prompt_cache_key: Literal["off", "conversation", "pipeline"] = Field(
+        "off",
+        description="OpenAI prompt_cache_key in results: from conversation_id (else the "
+        "pipeline), the pipeline, or none",
+    )
+
     # Telemetry (OpenTelemetry itself is configured by the standard OTEL_* variables)
     sustained_window_requests: int = Field(
         100,

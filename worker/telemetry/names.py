@@ -147,6 +147,11 @@ METRIC_DEAD_LETTERS: Final = "tokenheap.dead_letters"
 METRIC_CACHE_LOOKUPS: Final = "tokenheap.count.cache.lookups"
 METRIC_ANTHROPIC_CALLS: Final = "tokenheap.anthropic.count.calls"
 METRIC_ANTHROPIC_FAILURES: Final = "tokenheap.anthropic.count.failures"
+METRIC_COST: Final = "tokenheap.cost"
+"""USD of fitted requests at list prices, by `tokenheap.cost.part` (Prometheus:
+`tokenheap_cost_total`)."""
+ATTR_COST_PART: Final = "tokenheap.cost.part"
+"""`input` (expected, prompt cache counted) or `output_worst_case` (the whole reserve)."""
 
 TOKEN_BUCKETS: Final = (
     1,
