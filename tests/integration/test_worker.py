@@ -24,7 +24,7 @@ from worker.build import build_engine
 from worker.stream.dlq import list_dead_letters, replay_dead_letters
 from worker.stream.kafka import ensure_topics, partitions_of
 from worker.stream.publish import (
-    MAX_MESSAGE_BYTES,
+    MAX_VALUE_BYTES,
     Source,
     dead_letter_message,
     transactional_id,
@@ -436,7 +436,7 @@ def test_a_dead_letter_too_large_to_copy_its_original_refers_to_it() -> None:
     out = dead_letter_message("dlq", source, reason_code="request_too_large", reason="too big",
                               group_id="g")  # fmt: skip
     letter = json.loads(out.value)
-    assert len(out.value) <= MAX_MESSAGE_BYTES and out.key == b"key"
+    assert len(out.value) <= MAX_VALUE_BYTES and out.key == b"key"
     assert letter["original"] == "reference" and letter["value_b64"] is None
     assert letter["reason"] == "too big" and letter["headers"] == []
     assert letter["reference"]["value_size"] == 900_000

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -94,3 +94,5 @@ class FitResult(_Out):
     pipeline: str | None = None
     conversation_id: str | None = None
     cache: CacheUse = Field(default_factory=CacheUse)
+    metadata: dict[str, Any] | None = None
+    """The request's `metadata`, echoed unchanged so a caller can route its answer."""

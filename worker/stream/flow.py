@@ -132,6 +132,8 @@ class Flow:
         self._wake = asyncio.Event()
         self.failure: BaseException | None = None
         self.listener: ConsumerRebalanceListener = _Listener(self)
+        self.joined = False
+        """Set once the group has answered our first join (with or without partitions)."""
 
     # -- state --------------------------------------------------------------------------
 
@@ -143,6 +145,19 @@ class Flow:
             and self.failure is None
             and self._sink.ready()
         )
+
+    def member(self) -> bool:
+        """Ready in the orchestrator's sense: in the group and able to publish. Unlike
+        `ready`, owning no partition (a spare replica) or rebalancing does not count."""
+        return self.joined and not self._draining and self.failure is None and self._sink.ready()
+
+    def assignment(self) -> list[tuple[str, int]]:
+        """The partitions this worker processes now, sorted."""
+        return sorted((tp.topic, tp.partition) for tp in self._parts)
+
+    def paused(self) -> int:
+        """How many partitions backpressure holds paused now."""
+        return len(self._paused)
 
     @property
     def in_flight(self) -> int:
@@ -435,6 +450,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         await self._flow._assigned(assigned)
+        self._flow.joined = True
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
