@@ -26,6 +26,7 @@ from worker.engine.request import AssemblyRequest
 from worker.errors import InvalidRequest
 from worker.stream.ledger import OffsetLedger
 from worker.stream.publish import Done, Outgoing, Source
+from worker.telemetry.instruments import KafkaSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,10 @@ class Flow:
         self.listener: ConsumerRebalanceListener = _Listener(self)
         self.joined = False
         """Set once the group has answered our first join (with or without partitions)."""
+        self.on_commit: Callable[[float], None] | None = None
+        """Metric hook: seconds one commit took."""
+        self.on_rebalance: Callable[..., None] | None = None
+        """Metric hook: `(kind="assigned"|"revoked", partitions=n)`."""
 
     # -- state --------------------------------------------------------------------------
 
@@ -158,6 +163,22 @@ class Flow:
     def paused(self) -> int:
         """How many partitions backpressure holds paused now."""
         return len(self._paused)
+
+    def snapshot(self) -> KafkaSnapshot:
+        """For the gauges: per owned partition, the log end (last fetched highwater) minus
+        the lowest offset not yet done; partitions with nothing fetched yet are left out."""
+        lag: dict[tuple[str, int], int] = {}
+        for tp in list(self._parts):
+            end = self._consumer.highwater(tp)
+            start = self._ledger.next_offset(tp)
+            if end is not None and start is not None:
+                lag[(tp.topic, tp.partition)] = max(0, end - start)
+        return KafkaSnapshot(
+            lag=lag,
+            in_flight=self._in_flight,
+            paused_partitions=len(self._paused),
+            assigned_partitions=len(self._parts),
+        )
 
     @property
     def in_flight(self) -> int:
@@ -319,6 +340,7 @@ class Flow:
         live = [tp for tp in tps if tp in self._parts and not self._parts[tp].torn]
         if not live:
             return
+        began = asyncio.get_running_loop().time()
         if self._sink.commits_offsets:
             try:
                 committed = await self._sink.commit(live, self._ledger.next_offset)
@@ -346,6 +368,8 @@ class Flow:
                 return
         self._ledger.committed(committed)
         if committed:
+            if self.on_commit is not None:
+                self.on_commit(asyncio.get_running_loop().time() - began)
             log.debug("committed %s", _fmt(committed))
 
     # -- rebalance ----------------------------------------------------------------------
@@ -373,6 +397,8 @@ class Flow:
             self._parts[tp] = _PartitionFlow(tp, first)
             self._paused.discard(tp)
         self._consumer.resume(*new)
+        if self.on_rebalance is not None:
+            self.on_rebalance(kind="assigned", partitions=len(new))
         log.info("assigned %s", _fmt_tps(new))
 
     async def _rewind(self, tps: Sequence[TopicPartition]) -> None:
@@ -390,6 +416,8 @@ class Flow:
             p.closing = True
         await self._settle(parts)
         await self._close(parts)
+        if self.on_rebalance is not None:
+            self.on_rebalance(kind="revoked", partitions=len(parts))
         log.info("revoked %s", _fmt_tps(p.tp for p in parts))
 
     async def _settle(self, parts: Sequence[_PartitionFlow]) -> tuple[int, int]:

@@ -61,6 +61,8 @@ async def serve(
         max_message_bytes=settings.max_message_bytes,
     )  # fmt: skip
     flow = Flow(consumer, sink, processor, flow_limits(settings))
+    telemetry.watch_kafka(flow.snapshot)
+    flow.on_commit, flow.on_rebalance = telemetry.on_commit, telemetry.on_rebalance
     health = HealthServer(
         settings.health_host, settings.health_port, flow.member, status=flow_status(flow)
     )
