@@ -169,3 +169,17 @@ async def _status(port: int) -> dict[str, Any]:
             return body
         await asyncio.sleep(0.1)
     raise AssertionError("never a member")
+
+
+async def test_a_worker_without_its_requests_topic_stops_with_a_clear_error(
+    kafka_bootstrap: str, make_topics: MakeTopics
+) -> None:
+    names = await kit.make_names(make_topics, partitions=1)
+    missing = f"tokenheap-missing-{uuid.uuid4().hex[:12]}"
+    settings = kit.settings_for(kafka_bootstrap, names).model_copy(
+        update={"requests_topic": missing}
+    )
+    code, _, err = await cli(settings, "worker")
+    assert code == 2
+    assert f"the requests topic {missing!r} does not exist" in err
+    assert "TOKENHEAP_CREATE_TOPICS" in err and "Traceback" not in err

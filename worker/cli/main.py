@@ -7,13 +7,13 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TextIO
 
 from worker.build import build_engine, limits_of
-from worker.catalog import load_catalog
+from worker.catalog import Catalog, load_catalog
 from worker.count.backends import BackendName
 from worker.engine.decode import Limits
 from worker.engine.engine import Engine
@@ -173,8 +173,11 @@ def _run(args: argparse.Namespace) -> int:
         print(reference_table())
         return 0
     if args.cmd == "worker":
+        from worker.cli.preflight import check_requests_topic
+
         settings = load_settings()
         check_limits(settings)
+        asyncio.run(check_requests_topic(settings))
         return _worker(settings)
     if args.cmd == "dlq":
         from worker.stream.dlq import run_dlq
@@ -186,8 +189,8 @@ def _run(args: argparse.Namespace) -> int:
 def _send(settings: Settings, source: str, timeout_s: float, table: bool) -> int:
     from worker.cli.inputs import read_requests
     from worker.cli.send import outbound, send
-    from worker.cli.table import render_table
 
+    view = table_view(load_catalog(settings.config_dir)) if table else None
     requests = read_requests(source)
     try:
         batch = outbound(list(requests.texts))
@@ -195,8 +198,8 @@ def _send(settings: Settings, source: str, timeout_s: float, table: bool) -> int
         requests.close()
 
     def emit(value: bytes) -> None:
-        if table:
-            sys.stdout.write(render_table(FitResult.model_validate_json(value)) + "\n")
+        if view is not None:
+            sys.stdout.write(view(FitResult.model_validate_json(value)) + "\n")
         else:
             sys.stdout.write(value.decode("utf-8", "replace") + "\n")
         sys.stdout.flush()
@@ -233,6 +236,12 @@ def _fit(
     out = sys.stdout
     requests = read_requests(source)
     pretty = requests.document or source.endswith(".json")
+    if not requests.document and source != "-":
+        from worker.cli.progress import wants_progress, with_progress
+
+        size = os.path.getsize(source)
+        if wants_progress(size):
+            requests.texts = with_progress(requests.texts, size)
     try:
         if not requests.document and source != "-":
             if jobs == 0:
@@ -289,8 +298,8 @@ async def _emit(
     telemetry: Telemetry,
 ) -> int:
     from worker.cli.fitfile import fit_lines
-    from worker.cli.table import render_table
 
+    view = table_view(engine.catalog) if table else None
     failed = 0
     last = time.perf_counter()
     try:
@@ -299,8 +308,8 @@ async def _emit(
             telemetry.on_result(None, result, now - last)
             last = now
             failed += result.status != "ok"
-            if table:
-                out.write(render_table(result))
+            if view is not None:
+                out.write(view(result))
             else:
                 out.write(_dump(result, pretty))
             out.write("\n")
@@ -343,10 +352,11 @@ def _fit_jobs(
     jobs: int,
 ) -> int:
     from worker.cli.fitjobs import fit_parallel
-    from worker.cli.table import render_table
+
+    view = table_view(load_catalog(settings.config_dir)) if table else None
 
     def fmt(result: FitResult) -> str:
-        return (render_table(result) if table else _dump(result, False)) + "\n"
+        return (view(result) if view is not None else _dump(result, False)) + "\n"
 
     failed = 0
     make = lambda: build_engine(settings, backend)  # noqa: E731 - called in the parent
@@ -354,6 +364,20 @@ def _fit_jobs(
         sys.stdout.write(text)
         failed += bad
     return 1 if failed else 0
+
+
+def table_view(catalog: Catalog) -> Callable[[FitResult], str]:
+    """`--table`: each slot against its profile's share; colour when stdout is a terminal."""
+    from worker.cli.table import render_table
+
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+    def view(result: FitResult) -> str:
+        profile = catalog.profiles.get(result.profile or "")
+        shares = profile.shares.model_dump() if profile is not None else None
+        return render_table(result, shares, color=color)
+
+    return view
 
 
 def _dump(result: FitResult, pretty: bool) -> str:
