@@ -194,7 +194,10 @@ def test_docker_compose_config_when_available() -> None:
 
 def test_build_contexts_and_dockerfiles_exist() -> None:
     built = {n: s["build"] for n, s in services().items() if "build" in s}
-    assert {"worker", "producer"} <= set(built)
+    assert set(built) == {"worker"}  # built once; the producer runs the worker's image
+    producer, worker = services()["producer"], services()["worker"]
+    assert producer["image"] == worker["image"] and producer["pull_policy"] == "never"
+    assert "worker" in producer["depends_on"]  # so the image exists when it starts
     for name, build in built.items():
         context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
         dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "")
