@@ -92,3 +92,15 @@ def test_the_progress_bar_passes_lines_through_and_shows_on_a_terminal() -> None
     assert "fitting" in buf.getvalue()
     plain = io.StringIO()  # not a terminal: no bar
     assert not wants_progress(PROGRESS_MIN_BYTES * 2, out=plain, err=plain)
+
+
+def test_an_unavailable_count_names_the_setting_that_allows_estimates() -> None:
+    from worker.engine.result import ErrorInfo
+
+    r = FitResult(
+        request_id="c",
+        status="error",
+        model="claude-sonnet-4-5",
+        error=ErrorInfo(code="counting_unavailable", message="no client", retriable=True),
+    )
+    assert "TOKENHEAP_ON_COUNT_UNAVAILABLE=estimate" in render_table(r)

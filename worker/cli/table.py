@@ -25,6 +25,11 @@ WIDTH = 80
 BAR = 28
 SHOWN_IDS = 4
 SLOTS = ("system", "history", "context", "query", "framing")
+HINTS = {
+    "counting_unavailable": "offline, TOKENHEAP_ON_COUNT_UNAVAILABLE=estimate gives an "
+    "estimate (marked ESTIMATE) instead of this error",
+}
+"""What a user can do about an error code, shown under it."""
 Shares = Mapping[str, float]
 """Slot -> fraction of the context window (a profile's shares)."""
 
@@ -55,6 +60,9 @@ def _lines(r: FitResult, shares: Shares) -> list[Text]:
         lines.append(
             Text.assemble("  ", ("error", "bold red"), f" {r.error.code}: {r.error.message}")
         )
+        hint = HINTS.get(r.error.code)
+        if hint:
+            lines.append(Text(f"  hint: {hint}", "dim"))
         return lines
     u = r.usage
     if u is None:
