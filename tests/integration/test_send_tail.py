@@ -183,3 +183,51 @@ async def test_a_worker_without_its_requests_topic_stops_with_a_clear_error(
     assert code == 2
     assert f"the requests topic {missing!r} does not exist" in err
     assert "TOKENHEAP_CREATE_TOPICS" in err and "Traceback" not in err
+
+
+class KafkaRecorder(kit.NoopTelemetry):
+    """Keeps what the flow reports for the Kafka metrics."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Any] | None = None
+        self.rebalances: list[tuple[str, int]] = []
+        self.commits: list[float] = []
+
+    def watch_kafka(self, source: Callable[[], Any]) -> None:
+        self.source = source
+
+    def on_rebalance(self, *, kind: str, partitions: int) -> None:
+        self.rebalances.append((kind, partitions))
+
+    def on_commit(self, duration_s: float) -> None:
+        self.commits.append(duration_s)
+
+
+async def test_the_flow_reports_lag_assignment_rebalances_and_commits(
+    kafka_bootstrap: str, make_topics: MakeTopics
+) -> None:
+    names = await kit.make_names(make_topics, partitions=3)
+    settings = kit.with_health(kit.settings_for(kafka_bootstrap, names))
+    telemetry = KafkaRecorder()
+    n = 12
+    async with (
+        kit.Reader(kafka_bootstrap, [names.results], names.partitions, committed_only=True) as r,
+        kit.InProcessWorker(settings, telemetry=telemetry) as worker,
+    ):
+        await worker.wait_ready()
+        await kit.produce(
+            kafka_bootstrap,
+            names.requests,
+            [kit.request(i) for i in range(n)],
+            partition_of=lambda i: i % 3,
+        )
+        await r.wait_for(lambda: len(r.on(names.results)) >= n)
+        assert telemetry.source is not None
+        await r.wait_for(lambda: len(telemetry.commits) > 0)
+        snap = telemetry.source()
+        assert snap.assigned_partitions == 3 and snap.paused_partitions == 0
+        assert set(snap.lag) <= {(names.requests, p) for p in range(3)}
+        await r.wait_for(lambda: all(v == 0 for v in telemetry.source().lag.values()))
+        assert await worker.stop() == 0
+    assert telemetry.rebalances == [("assigned", 3)]  # a drain is not a rebalance
+    assert all(d >= 0 for d in telemetry.commits)
