@@ -73,6 +73,15 @@ def test_a_bad_setting_is_a_configuration_error(var: str, value: str, says: str)
     assert proc.stdout == ""
 
 
+def test_a_settings_file_that_is_not_yaml_is_a_configuration_error(tmp_path: Path) -> None:
+    bad = tmp_path / "settings.yaml"
+    bad.write_text("max_in_flight: [1,\n", encoding="utf-8")
+    proc = run("fit", "-", stdin=json.dumps(EXAMPLE), TOKENHEAP_SETTINGS_FILE=str(bad))
+    assert proc.returncode == 2
+    no_traceback(proc)
+    assert "is not valid YAML" in proc.stderr
+
+
 def test_a_misspelt_variable_is_named_with_its_likely_meaning() -> None:
     proc = run("fit", "-", stdin=json.dumps(EXAMPLE), TOKENHEAP_BOOTSTRAP_SERVER="kafka:9092")
     assert proc.returncode == 0, proc.stderr

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
+import yaml
 from pydantic import ValidationError
 
 from worker.errors import ConfigError
@@ -59,8 +60,9 @@ def load_settings(environ: Mapping[str, str] | None = None, err: TextIO | None =
         return Settings()
     except ValidationError as exc:
         raise ConfigError(describe(exc, path)) from None
-    except (OSError, ValueError) as exc:  # a settings file that is not YAML
-        raise ConfigError(f"{SETTINGS_FILE_VAR}={path}: {exc}") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # a settings file that is not YAML
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{SETTINGS_FILE_VAR}={path} is not valid YAML: {detail}") from None
 
 
 def describe(exc: ValidationError, settings_file: str | None = None) -> str:
