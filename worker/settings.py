@@ -71,7 +71,11 @@ class Settings(BaseSettings):
         "auto = fastokens for the worker, tiktoken for `fit`",
     )
     cache_bytes: int = Field(64 * 1024 * 1024, ge=0, description="Count cache bound, bytes")
-    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Largest request")
+    max_request_bytes: int = Field(
+        1_048_576,
+        ge=1,
+        description="Largest request accepted; at most TOKENHEAP_MAX_MESSAGE_BYTES",
+    )
     max_history_turns: int = Field(2000, ge=0, description="Most history turns per request")
     max_chunks: int = Field(2000, ge=0, description="Most chunks per request")
     max_item_chars: int = Field(262_144, ge=1, description="Longest single text item")
@@ -131,6 +135,14 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
     log_format: Literal["json", "text"] = Field(
         "json", description="JSON lines with trace ids, or text"
+    )
+
+    # Appended (operations): message size
+    max_message_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        description="Largest Kafka message the producers send (their max_request_size); "
+        "keep it at most the broker's message.max.bytes (default 1 MiB)",
     )
 
     @classmethod

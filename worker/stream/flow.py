@@ -26,6 +26,7 @@ from worker.engine.request import AssemblyRequest
 from worker.errors import InvalidRequest
 from worker.stream.ledger import OffsetLedger
 from worker.stream.publish import Done, Outgoing, Source
+from worker.telemetry.instruments import KafkaSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,12 @@ class Flow:
         self._wake = asyncio.Event()
         self.failure: BaseException | None = None
         self.listener: ConsumerRebalanceListener = _Listener(self)
+        self.joined = False
+        """Set once the group has answered our first join (with or without partitions)."""
+        self.on_commit: Callable[[float], None] | None = None
+        """Metric hook: seconds one commit took."""
+        self.on_rebalance: Callable[..., None] | None = None
+        """Metric hook: `(kind="assigned"|"revoked", partitions=n)`."""
 
     # -- state --------------------------------------------------------------------------
 
@@ -142,6 +149,35 @@ class Flow:
             and not self._draining
             and self.failure is None
             and self._sink.ready()
+        )
+
+    def member(self) -> bool:
+        """Ready in the orchestrator's sense: in the group and able to publish. Unlike
+        `ready`, owning no partition (a spare replica) or rebalancing does not count."""
+        return self.joined and not self._draining and self.failure is None and self._sink.ready()
+
+    def assignment(self) -> list[tuple[str, int]]:
+        """The partitions this worker processes now, sorted."""
+        return sorted((tp.topic, tp.partition) for tp in self._parts)
+
+    def paused(self) -> int:
+        """How many partitions backpressure holds paused now."""
+        return len(self._paused)
+
+    def snapshot(self) -> KafkaSnapshot:
+        """For the gauges: per owned partition, the log end (last fetched highwater) minus
+        the lowest offset not yet done; partitions with nothing fetched yet are left out."""
+        lag: dict[tuple[str, int], int] = {}
+        for tp in list(self._parts):
+            end = self._consumer.highwater(tp)
+            start = self._ledger.next_offset(tp)
+            if end is not None and start is not None:
+                lag[(tp.topic, tp.partition)] = max(0, end - start)
+        return KafkaSnapshot(
+            lag=lag,
+            in_flight=self._in_flight,
+            paused_partitions=len(self._paused),
+            assigned_partitions=len(self._parts),
         )
 
     @property
@@ -304,6 +340,7 @@ class Flow:
         live = [tp for tp in tps if tp in self._parts and not self._parts[tp].torn]
         if not live:
             return
+        began = asyncio.get_running_loop().time()
         if self._sink.commits_offsets:
             try:
                 committed = await self._sink.commit(live, self._ledger.next_offset)
@@ -331,6 +368,8 @@ class Flow:
                 return
         self._ledger.committed(committed)
         if committed:
+            if self.on_commit is not None:
+                self.on_commit(asyncio.get_running_loop().time() - began)
             log.debug("committed %s", _fmt(committed))
 
     # -- rebalance ----------------------------------------------------------------------
@@ -358,6 +397,8 @@ class Flow:
             self._parts[tp] = _PartitionFlow(tp, first)
             self._paused.discard(tp)
         self._consumer.resume(*new)
+        if self.on_rebalance is not None:
+            self.on_rebalance(kind="assigned", partitions=len(new))
         log.info("assigned %s", _fmt_tps(new))
 
     async def _rewind(self, tps: Sequence[TopicPartition]) -> None:
@@ -375,6 +416,8 @@ class Flow:
             p.closing = True
         await self._settle(parts)
         await self._close(parts)
+        if self.on_rebalance is not None:
+            self.on_rebalance(kind="revoked", partitions=len(parts))
         log.info("revoked %s", _fmt_tps(p.tp for p in parts))
 
     async def _settle(self, parts: Sequence[_PartitionFlow]) -> tuple[int, int]:
@@ -435,6 +478,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         await self._flow._assigned(assigned)
+        self._flow.joined = True
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -21,7 +21,7 @@ from worker.build import build_engine, limits_of
 from worker.engine.engine import Engine
 from worker.settings import Settings
 from worker.stream.flow import MAX_BATCH, Flow, FlowLimits
-from worker.stream.health import HealthServer
+from worker.stream.health import HealthServer, flow_status
 from worker.stream.kafka import client_kwargs, ensure_topics, worker_topics
 from worker.stream.processor import Processor, Topics
 from worker.stream.publish import IdempotentPublisher, TransactionalPublisher
@@ -56,9 +56,16 @@ async def serve(
         )
     sink, consumer = _clients(settings, common, telemetry)
     topics = Topics(settings.results_topic, settings.alerts_topic, settings.dead_letter_topic)
-    processor = Processor(engine, limits_of(settings), telemetry, topics, settings.group_id)
+    processor = Processor(
+        engine, limits_of(settings), telemetry, topics, settings.group_id,
+        max_message_bytes=settings.max_message_bytes,
+    )  # fmt: skip
     flow = Flow(consumer, sink, processor, flow_limits(settings))
-    health = HealthServer(settings.health_host, settings.health_port, flow.ready)
+    telemetry.watch_kafka(flow.snapshot)
+    flow.on_commit, flow.on_rebalance = telemetry.on_commit, telemetry.on_rebalance
+    health = HealthServer(
+        settings.health_host, settings.health_port, flow.member, status=flow_status(flow)
+    )
     try:
         if settings.health_port:  # first: live (and not ready) while loading and joining
             await health.start()
@@ -94,9 +101,11 @@ def _clients(
 ) -> tuple[IdempotentPublisher | TransactionalPublisher, AIOKafkaConsumer]:
     sink: IdempotentPublisher | TransactionalPublisher
     if settings.delivery == "exactly-once":
-        sink = TransactionalPublisher(common, settings.group_id, telemetry)
+        sink = TransactionalPublisher(
+            common, settings.group_id, telemetry, settings.max_message_bytes
+        )
     else:
-        sink = IdempotentPublisher(common, telemetry)
+        sink = IdempotentPublisher(common, telemetry, settings.max_message_bytes)
     consumer = AIOKafkaConsumer(
         **common,
         group_id=settings.group_id,
