@@ -1,6 +1,7 @@
 """/livez and /readyz over plain HTTP/1.1, stdlib asyncio only (no web framework to patch).
 
-livez:  200 while the event loop answers (a wedged loop fails it by not answering).
+livez:  200 while the event loop answers (a wedged loop fails it by not answering) and the
+        worker is not stopping (`live`), so a supervisor never sees a stopping one as healthy.
 readyz: 200 when the worker owns partitions and can publish; 503 otherwise, so a load
         balancer or orchestrator can tell a rebalancing or draining worker apart.
 """
@@ -19,10 +20,17 @@ MAX_REQUEST_BYTES = 8192
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        live: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._host = host
         self._port = port
         self._ready = ready
+        self._live = live
         self._server: asyncio.Server | None = None
 
     @property
@@ -70,7 +78,7 @@ class HealthServer:
             return 400, "bad request\n"
         path = parts[1].split(b"?", 1)[0]
         if path == b"/livez":
-            return 200, "ok\n"
+            return (200, "ok\n") if self._live() else (503, "stopping\n")
         if path == b"/readyz":
             return (200, "ready\n") if self._ready() else (503, "not ready\n")
         return 404, "not found: try /livez or /readyz\n"

@@ -50,6 +50,14 @@ class Telemetry(Protocol):
         """A PRODUCER `send <topic>` span around one publish."""
         ...
 
+    def on_kafka_outage_start(self) -> None:
+        """The broker stopped answering (counted when it starts, so it shows during it)."""
+        ...
+
+    def on_kafka_outage_end(self, duration_s: float) -> None:
+        """The broker answers again after `duration_s` seconds."""
+        ...
+
 
 class _NoSpan:
     def is_recording(self) -> bool:
@@ -86,3 +94,9 @@ class NoopTelemetry:
     @contextmanager
     def send(self, *, topic: str) -> Iterator[SpanLike]:
         yield _NoSpan()
+
+    def on_kafka_outage_start(self) -> None:
+        return None
+
+    def on_kafka_outage_end(self, duration_s: float) -> None:
+        return None

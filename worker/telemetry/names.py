@@ -147,6 +147,8 @@ METRIC_DEAD_LETTERS: Final = "tokenheap.dead_letters"
 METRIC_CACHE_LOOKUPS: Final = "tokenheap.count.cache.lookups"
 METRIC_ANTHROPIC_CALLS: Final = "tokenheap.anthropic.count.calls"
 METRIC_ANTHROPIC_FAILURES: Final = "tokenheap.anthropic.count.failures"
+METRIC_KAFKA_OUTAGES: Final = "tokenheap.kafka.outages"
+METRIC_KAFKA_OUTAGE_DURATION: Final = "tokenheap.kafka.outage.duration"
 
 TOKEN_BUCKETS: Final = (
     1,
@@ -199,4 +201,6 @@ MESSAGING_DURATION_BUCKETS: Final = (
     10.0,
 )
 """Messaging `messaging.process.duration` boundaries, seconds."""
+OUTAGE_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+"""Broker outage lengths, seconds."""
 UTILIZATION_BUCKETS: Final = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
