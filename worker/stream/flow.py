@@ -160,7 +160,7 @@ class Flow:
 
     def _fail(self, exc: BaseException) -> None:
         if self.failure is None:
-            log.error("stopping: %s: %s", type(exc).__name__, exc)
+            log.error("stopping: %s", _why(exc) or f"{type(exc).__name__} (Kafka did not answer)")
             self.failure = exc
         self._wake.set()
 

@@ -257,9 +257,9 @@ async def _session(
         cut = await flow.abandon()
         if not stop.is_set():
             log.warning(
-                "restarting the Kafka clients once the broker answers (%s: %s); %d records "
+                "restarting the Kafka clients once the broker answers (%s%s); %d records "
                 "in flight are read again from the committed offsets",
-                type(failure).__name__, failure, cut,
+                type(failure).__name__, f": {failure}" if str(failure) else "", cut,
             )  # fmt: skip
             state.watch.suspect()
             await state.watch.wait_up(stop)
