@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -130,6 +130,7 @@ class Flow:
         self._consumer = consumer
         self._suspect = suspect
         self._commit_warned = False
+        self._pending_commit: asyncio.Future[None] | None = None
         self._sink = sink
         self._handler = handler
         self._limits = limits
@@ -184,8 +185,12 @@ class Flow:
                     await asyncio.wait_for(self._wake.wait(), POLL_MS / 1000)
             self._backpressure()
             if loop.time() >= next_commit:
-                if not await _unless_stopped(stop, self._commit(list(self._parts))):
-                    break  # the drain commits what it can, within its own deadline
+                commit = asyncio.ensure_future(self._commit(list(self._parts)))
+                if not await _done_unless_stopped(stop, commit):
+                    # Left running, not cancelled: a transaction cut off mid-commit leaves its
+                    # producer unusable. The drain awaits it within its deadline.
+                    self._pending_commit = commit
+                    break
                 next_commit = loop.time() + self._limits.commit_interval_s
 
     async def _fetch(
@@ -431,8 +436,12 @@ class Flow:
         tps = [p.tp for p in parts]
         if until is None:
             until = asyncio.get_running_loop().time() + self._limits.request_timeout_s
+        pending = self._pending_commit
+        self._pending_commit = None
         try:
             async with asyncio.timeout_at(until):
+                if pending is not None:
+                    await pending
                 await self._commit(tps, fatal=False)
                 for p in parts:
                     if p.torn:
@@ -501,18 +510,15 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._flow._assigned(assigned)
 
 
-async def _unless_stopped(stop: asyncio.Event, step: Awaitable[None]) -> bool:
-    """Run `step` unless `stop` is set first (then cancel it): False when stopped."""
-    task = asyncio.ensure_future(step)
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+async def _done_unless_stopped(stop: asyncio.Event, task: asyncio.Future[None]) -> bool:
+    """Wait for `task` unless `stop` is set first: False then (the task goes on)."""
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    either: set[asyncio.Future[Any]] = {task, stopped}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     if task.done():
         task.result()
         return True
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
     return False
 
 
