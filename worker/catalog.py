@@ -71,6 +71,8 @@ class ModelInfo(_Frozen):
     encoding: str | None = None
     prices: Prices | None = None
     """List prices (USD per million tokens); None: cost is not reported for the model."""
+    tokenizer_family: str | None = None
+    """Claude: a key of `claude_tokenizers.families` (the local estimate's learned ratio)."""
 
     @model_validator(mode="after")
     def _openai_needs_encoding(self) -> ModelInfo:

@@ -10,6 +10,12 @@ files, but it has Claude's shape: a fixed framing cost per request, per message 
 system prompt, on top of the text's pieces. A text's cost is therefore only recoverable by
 subtracting a measured baseline, which is what the client under test must do.
 
+``AnthropicServer(counting="bytes")`` counts with a tokenizer unlike any local one instead:
+``ceil(UTF-8 bytes / 3.3)`` per text plus framing per request, message, block, tool, image
+and document (``bytes_expected_tokens``), and accepts the richer block types (images,
+documents, tool use/results, thinking) and ``tools``. A client that fits Claude payloads must
+then learn how the server counts instead of working by coincidence.
+
 >>> pieces("Hello, world!")
 4
 >>> expected_tokens(None, [{"role": "user", "content": "Hello, world!"}])
@@ -24,6 +30,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -69,6 +76,23 @@ DEFAULT_ERROR_TYPES = {
     529: "overloaded_error",
 }
 
+# "bytes" counting mode: unlike any BPE, and framing costs unlike the "pieces" mode.
+BYTES_PER_TOKEN = 3.3
+B_REQUEST = 7
+B_MESSAGE = 5
+B_SYSTEM = 3
+B_BLOCK = 1  # each content block of a block list, on top of its own cost
+B_TOOLS_PROMPT = 290  # the hidden tool-use system prompt, once when `tools` is present
+B_TOOL = 11
+B_IMAGE = 1100  # flat per image block (the real API uses the patch grid)
+B_PDF = 1900  # flat per base64 PDF document
+B_DOCUMENT = 9
+B_TOOL_USE = 8
+B_TOOL_RESULT = 6
+RICH_BLOCKS = frozenset(
+    {"text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking"}
+)
+
 _PIECE = re.compile(r"\w+|[^\w\s]")
 
 
@@ -90,6 +114,64 @@ def expected_tokens(system: Any, messages: list[dict[str, Any]]) -> int:
         n += SYSTEM_OVERHEAD + pieces(_text_of(system))
     for m in messages:
         n += MESSAGE_OVERHEAD + pieces(_text_of(m["content"]))
+    return n
+
+
+def byte_tokens(text: str) -> int:
+    """The "bytes" mode's count of one text.
+
+    >>> byte_tokens("Hello, world!")
+    4
+    """
+    return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN) if text else 0
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _block_tokens(block: dict[str, Any]) -> int:
+    kind = block["type"]
+    if kind == "text":
+        return byte_tokens(block["text"])
+    if kind == "image":
+        return B_IMAGE
+    if kind == "document":
+        source = block["source"]
+        body = byte_tokens(source["data"]) if source["type"] == "text" else B_PDF
+        return B_DOCUMENT + body + byte_tokens(block.get("title") or "")
+    if kind == "tool_use":
+        return B_TOOL_USE + byte_tokens(block["name"]) + byte_tokens(_json(block["input"]))
+    if kind == "tool_result":
+        return B_TOOL_RESULT + _content_tokens(block.get("content") or "")
+    if kind == "thinking":
+        return byte_tokens(block["thinking"])
+    return 0  # redacted_thinking
+
+
+def _content_tokens(content: Any) -> int:
+    if isinstance(content, str):
+        return byte_tokens(content)
+    return sum(B_BLOCK + _block_tokens(b) for b in content)
+
+
+def bytes_expected_tokens(body: dict[str, Any]) -> int:
+    """What a ``counting="bytes"`` server answers for a valid count_tokens body.
+
+    >>> bytes_expected_tokens({"messages": [{"role": "user", "content": "Hello, world!"}]})
+    16
+    """
+    n = B_REQUEST
+    if body.get("system") is not None:
+        n += B_SYSTEM + _content_tokens(body["system"])
+    for m in body["messages"]:
+        n += B_MESSAGE + _content_tokens(m["content"])
+    tools = body.get("tools") or []
+    if tools:
+        n += B_TOOLS_PROMPT
+    for t in tools:
+        n += B_TOOL + byte_tokens(t["name"]) + byte_tokens(t.get("description") or "")
+        n += byte_tokens(_json(t.get("input_schema") or {}))
     return n
 
 
@@ -124,8 +206,38 @@ def _check_content(where: str, content: Any) -> None:
         _check_text(f"{where}.{i}.text", block.get("text"))
 
 
-def validate(body: Any) -> None:
-    """Raise ApiError the way the API would for a malformed count_tokens body."""
+def _check_rich_content(where: str, content: Any) -> None:
+    if isinstance(content, str):
+        _check_text(where, content)
+        return
+    if not isinstance(content, list) or not content:
+        raise ApiError(400, f"{where}: Input should be a non-empty string or list of blocks")
+    for i, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind not in RICH_BLOCKS:
+            raise ApiError(400, f"{where}.{i}.type: unknown block type {kind!r}")
+        assert isinstance(block, dict)
+        if kind == "text":
+            _check_text(f"{where}.{i}.text", block.get("text"))
+        elif kind in ("image", "document"):
+            source = block.get("source")
+            if not isinstance(source, dict) or source.get("type") not in ("base64", "text"):
+                raise ApiError(400, f"{where}.{i}.source: count_tokens needs a base64 source")
+        elif kind == "tool_use":
+            if not isinstance(block.get("name"), str) or not isinstance(block.get("input"), dict):
+                raise ApiError(400, f"{where}.{i}: tool_use needs name and input")
+        elif kind == "tool_result":
+            if block.get("content") not in (None, ""):
+                _check_rich_content(f"{where}.{i}.content", block["content"])
+        elif kind == "thinking" and not isinstance(block.get("thinking"), str):
+            raise ApiError(400, f"{where}.{i}.thinking: Input should be a valid string")
+
+
+def validate(body: Any, *, rich: bool = False) -> None:
+    """Raise ApiError the way the API would for a malformed count_tokens body.
+
+    ``rich`` accepts every block type the "bytes" mode counts, and ``tools``."""
+    check = _check_rich_content if rich else _check_content
     if not isinstance(body, dict):
         raise ApiError(400, "body: Input should be a valid dictionary")
     for key in body:
@@ -144,9 +256,19 @@ def validate(body: Any) -> None:
             raise ApiError(400, f"messages.{i}: Input should be a valid dictionary")
         if m.get("role") not in ("user", "assistant"):
             raise ApiError(400, f"messages.{i}.role: Input should be 'user' or 'assistant'")
-        _check_content(f"messages.{i}.content", m.get("content"))
+        check(f"messages.{i}.content", m.get("content"))
     if "system" in body:
-        _check_content("system", body["system"])
+        check("system", body["system"])
+    tools = body.get("tools")
+    if (
+        rich
+        and tools is not None
+        and (
+            not isinstance(tools, list)
+            or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools)
+        )
+    ):
+        raise ApiError(400, "tools: each tool needs a name")
     if model.startswith("claude-nope"):
         raise ApiError(404, f"model: {model}", "not_found_error")
 
@@ -201,9 +323,15 @@ class RecordedRequest:
 class AnthropicServer:
     """``with AnthropicServer() as srv:`` serves on 127.0.0.1:<random port> until exit."""
 
-    def __init__(self, *, latency: float = 0.0) -> None:
+    def __init__(self, *, latency: float = 0.0, counting: str = "pieces") -> None:
+        if counting not in ("pieces", "bytes"):
+            raise ValueError("counting must be 'pieces' or 'bytes'")
         self.latency = latency
         """Seconds every normal answer waits first, so concurrent requests overlap."""
+        self.counting = counting
+        """"pieces" (default: word/punctuation pieces) or "bytes" (see bytes_expected_tokens)."""
+        self.calls = 0
+        """count_tokens requests received (faulted ones included); reset() zeroes it."""
         self._lock = threading.Lock()
         self._script: collections.deque[Fault] = collections.deque()
         self._requests: list[RecordedRequest] = []
@@ -244,6 +372,7 @@ class AnthropicServer:
             self._script.clear()
             self._requests.clear()
             self.max_in_flight = 0
+            self.calls = 0
 
     def start(self) -> AnthropicServer:
         self._thread.start()
@@ -270,12 +399,20 @@ class AnthropicServer:
                 RecordedRequest(record.method, record.path, record.headers, record.body, fault)
             )
             self._in_flight += 1
+            if record.path == PATH:
+                self.calls += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
             return fault, f"req_test_{next(self._ids):06d}"
 
     def _done(self) -> None:
         with self._lock:
             self._in_flight -= 1
+
+    def count(self, body: dict[str, Any]) -> int:
+        """The answer for a valid body under this server's counting mode."""
+        if self.counting == "bytes":
+            return bytes_expected_tokens(body)
+        return expected_tokens(body.get("system"), body["messages"])
 
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:
@@ -361,8 +498,8 @@ class _Handler(BaseHTTPRequestHandler):
                     if raw
                     else "body: Field required",
                 )
-            validate(body)
-            tokens = expected_tokens(body.get("system"), body["messages"])
+            validate(body, rich=owner.counting == "bytes")
+            tokens = owner.count(body)
         except ApiError as err:
             self._send_error(err, request_id, {})
             return
