@@ -54,6 +54,9 @@ PROBE_TIMEOUT_S = 5.0
 """Bound on one connection probe (a frozen broker accepts TCP and never answers)."""
 STARTUP_BACKOFF_S = (0.5, 5.0)
 """First and longest wait between connection attempts while the broker is not there yet."""
+RESTART_BACKOFF_S = 0.5
+HEALTHY_SESSION_S = 60.0
+"""Clients that lasted this long start the next restart's backoff from scratch."""
 MIN_GRACE_S = 0.2
 """Past the shutdown deadline, each remaining close still gets this long to say goodbye."""
 
@@ -142,8 +145,15 @@ async def serve(
             await health.start()
         await _warm(engine)
         code = await _startup_wait(settings, stop)
+        restarts = 0
         while code is None:
+            began = asyncio.get_running_loop().time()
             code = await _session(settings, stop, telemetry, engine, state)
+            if code is None:  # new clients, after a pause that grows if they keep failing fast
+                healthy = asyncio.get_running_loop().time() - began >= HEALTHY_SESSION_S
+                restarts = 0 if healthy else restarts + 1
+                if await _stopped_within(stop, min(RESTART_BACKOFF_S * 2**restarts, 30.0)):
+                    code = 0
     finally:
         state.stopping = True
         stamp.cancel()
