@@ -59,6 +59,24 @@ class Settings(BaseSettings):
     ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS")
     health_host: str = Field("127.0.0.1", description="Health endpoint address")
     health_port: int = Field(8080, ge=0, le=65535, description="Health endpoint port (0: off)")
+    kafka_session_timeout_s: float = Field(
+        10.0, gt=0, description="Group session timeout: how soon a dead worker's partitions move"
+    )
+    kafka_heartbeat_interval_s: float = Field(
+        3.0, gt=0, description="Group heartbeat interval (under a third of the session timeout)"
+    )
+    kafka_max_poll_interval_s: float = Field(
+        300.0, gt=0, description="Longest gap between fetches before the group drops a worker"
+    )
+    kafka_request_timeout_s: float = Field(
+        30.0, gt=0, description="Bound on one Kafka request (commits, joins, metadata)"
+    )
+    kafka_delivery_timeout_s: float = Field(
+        30.0, gt=0, description="Bound on one message's delivery before the client restarts"
+    )
+    kafka_startup_timeout_s: float = Field(
+        300.0, gt=0, description="How long a starting worker waits for an unreachable broker"
+    )
 
     # Engine
     config_dir: Path | None = Field(

@@ -759,6 +759,8 @@ async def emitted_series(engine: Engine, catalog: Catalog) -> dict[str, set[str]
                 telemetry.on_result(req, await engine.fit(req), 0.01)
         with telemetry.process(topic="tokenheap.requests", **process):
             telemetry.on_dead_letter(reason_code="invalid_request", topic="tokenheap.requests")
+        telemetry.on_kafka_outage_start()
+        telemetry.on_kafka_outage_end(3.0)
         data = reader.get_metrics_data()
     finally:
         meters.shutdown()

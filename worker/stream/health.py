@@ -1,10 +1,12 @@
 """/livez, /readyz and /status over plain HTTP/1.1, stdlib asyncio only (no web framework).
 
-livez:  200 while the event loop answers (a wedged loop fails it by not answering).
-readyz: 200 when the worker is a member of its consumer group and can publish; 503 while
-        it loads, joins, drains or has failed. Owning partitions is *not* required: a spare
-        replica (more replicas than partitions) is ready, and a rebalance does not flip the
-        fleet unready, so a Kubernetes rollout keeps moving. The body names the partitions.
+livez:  200 while the event loop answers (a wedged loop fails it by not answering) and the
+        worker is not stopping (`live`), so a supervisor never sees a stopping one as healthy.
+readyz: 200 when the worker is a member of its consumer group, the broker answers and it
+        can publish; 503 while it loads, joins, waits for the broker, drains or has failed.
+        Owning partitions is *not* required: a spare replica (more replicas than
+        partitions) is ready, and a rebalance does not flip the fleet unready, so a
+        Kubernetes rollout keeps moving. The body names the partitions.
 status: JSON: ready, the assigned partitions, records in flight, paused partitions.
 """
 
@@ -49,12 +51,18 @@ def flow_status(flow: Flow) -> Status:
 
 class HealthServer:
     def __init__(
-        self, host: str, port: int, ready: Callable[[], bool], status: Status | None = None
+        self,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        status: Status | None = None,
+        live: Callable[[], bool] = lambda: True,
     ) -> None:
         self._host = host
         self._port = port
         self._ready = ready
         self._status = status or (lambda: {})
+        self._live = live
         self._server: asyncio.Server | None = None
 
     @property
@@ -114,7 +122,7 @@ class HealthServer:
             return 400, "bad request\n"
         path = parts[1].split(b"?", 1)[0]
         if path == b"/livez":
-            return 200, "ok\n"
+            return (200, "ok\n") if self._live() else (503, "stopping\n")
         if path == b"/readyz":
             owned = self._status().get("partitions")
             detail = "" if owned is None else f"; partitions: {', '.join(owned) or 'none'}"

@@ -65,6 +65,14 @@ class Telemetry(Protocol):
         """One offset (or transaction) commit took `duration_s`."""
         ...
 
+    def on_kafka_outage_start(self) -> None:
+        """The broker stopped answering (counted when it starts, so it shows during it)."""
+        ...
+
+    def on_kafka_outage_end(self, duration_s: float) -> None:
+        """The broker answers again after `duration_s` seconds."""
+        ...
+
 
 class _NoSpan:
     def is_recording(self) -> bool:
@@ -109,4 +117,10 @@ class NoopTelemetry:
         return None
 
     def on_commit(self, duration_s: float) -> None:
+        return None
+
+    def on_kafka_outage_start(self) -> None:
+        return None
+
+    def on_kafka_outage_end(self, duration_s: float) -> None:
         return None

@@ -132,6 +132,17 @@ class Instruments:
             unit="{USD}",
             description="USD of fitted requests at list prices: expected input, worst-case output",
         )
+        self.kafka_outages = meter.create_counter(
+            names.METRIC_KAFKA_OUTAGES,
+            unit="{outage}",
+            description="Times the worker lost the Kafka broker (counted when noticed)",
+        )
+        self.kafka_outage_duration = meter.create_histogram(
+            names.METRIC_KAFKA_OUTAGE_DURATION,
+            unit="s",
+            description="How long each Kafka broker outage lasted, recorded when it ends",
+            explicit_bucket_boundaries_advisory=names.OUTAGE_BUCKETS,
+        )
         self.anthropic: AnthropicSource | None = anthropic
         """Read at each collection; settable later (the engine may start after telemetry)."""
         meter.create_observable_counter(

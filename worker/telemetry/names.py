@@ -169,6 +169,8 @@ METRIC_COMMIT_DURATION: Final = "tokenheap.kafka.commit.duration"
 ATTR_REBALANCE_KIND: Final = "tokenheap.rebalance.kind"
 """`assigned` or `revoked`."""
 COMMIT_DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+METRIC_KAFKA_OUTAGES: Final = "tokenheap.kafka.outages"
+METRIC_KAFKA_OUTAGE_DURATION: Final = "tokenheap.kafka.outage.duration"
 
 TOKEN_BUCKETS: Final = (
     1,
@@ -221,4 +223,6 @@ MESSAGING_DURATION_BUCKETS: Final = (
     10.0,
 )
 """Messaging `messaging.process.duration` boundaries, seconds."""
+OUTAGE_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+"""Broker outage lengths, seconds."""
 UTILIZATION_BUCKETS: Final = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)

@@ -199,6 +199,12 @@ class OtelTelemetry:
                 record_failure(span, exc=exc)
                 raise
 
+    def on_kafka_outage_start(self) -> None:
+        self.instruments.kafka_outages.add(1)
+
+    def on_kafka_outage_end(self, duration_s: float) -> None:
+        self.instruments.kafka_outage_duration.record(duration_s)
+
     # -- beyond the protocol --------------------------------------------------------------
 
     @contextmanager
