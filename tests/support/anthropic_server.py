@@ -157,7 +157,10 @@ def _check_content(where: str, content: Any) -> None:
             raise ApiError(400, f"{where}.{i}.type: {kind!r} blocks are not supported here")
         if kind == "text":
             _check_text(f"{where}.{i}.text", block.get("text"))
-        elif kind in ("image", "document") and block["source"].get("type") not in ("base64", "text"):
+        elif kind in ("image", "document") and block["source"].get("type") not in (
+            "base64",
+            "text",
+        ):
             # count_tokens refuses url and file sources (send base64)
             raise ApiError(400, f"{where}.{i}.source: count_tokens takes base64 sources only")
         elif kind == "tool_result" and block.get("content") is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -94,7 +95,7 @@ def check_anthropic_output(result: FitResult) -> None:
         sdk_valid(ANTHROPIC_TOOLS, result.tools)
     an.check_history(an.parse_history(messages), result.model)
     roles = [m["role"] for m in messages]
-    assert all(a != b for a, b in zip(roles, roles[1:], strict=False)), roles
+    assert all(a != b for a, b in itertools.pairwise(roles)), roles
 
 
 def test_cookbook_tool_example_gives_the_count_the_api_reported(
@@ -285,3 +286,24 @@ def test_plain_request_output_is_unchanged_in_shape(
     assert result.status == "ok" and result.exact is True and result.inexact == []
     assert result.tools is None
     check_openai_output(result)
+
+
+def test_claude_trim_keeps_units_whole_and_the_pin(make_engine: Callable[[], Engine]) -> None:
+    engine = make_engine()
+    engine.on_unavailable = "estimate"
+    base = _example("claude-agent-request.json")
+    full = _fit(engine, base)
+    assert full.usage is not None
+    for cut in (5, 20, 40, 60):
+        window = full.usage.total_tokens - cut + 100
+        doc = {**base, "request_id": f"tight-{cut}"}
+        doc["budget"] = {"max_context_tokens": window, "output_reserve": 100}
+        result = _fit(engine, doc)
+        assert result.status == "ok", result.error
+        check_anthropic_output(result)
+        first = result.messages[0].content
+        assert isinstance(first, list) and first[0]["type"] == "document", "pinned turn kept"
+        dropped = {d.index: d.unit for d in result.dropped if d.slot == "history"}
+        assert dropped, "the budget is meant to force a drop"
+        if 3 in dropped:  # the tool_use turn goes with its tool_result turn, as one unit
+            assert dropped.get(4) == dropped[3]

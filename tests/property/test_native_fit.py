@@ -1,0 +1,198 @@
+"""Random agent transcripts fitted at every budget: never an orphan, SDK-valid output, the
+drop manifest names every message of a dropped unit, usage adds up; tool definitions recount
+by the cookbook's rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import chat_tokens
+from tests.property.test_provider_transcripts import claude_transcripts, openai_transcripts
+from tests.unit.test_native_fit import check_anthropic_output, check_openai_output
+from worker.count.vocab import encoding
+from worker.engine.engine import Engine
+from worker.engine.request import AssemblyRequest
+from worker.engine.result import FitResult
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _request(history: list[dict[str, Any]], model: str, window: int) -> AssemblyRequest:
+    return AssemblyRequest.model_validate(
+        {
+            "request_id": "p",
+            "model": model,
+            "system": "Be brief.",
+            "history": history,
+            "chunks": [{"id": "c0", "text": "A fact."}, {"id": "c1", "text": "Another fact."}],
+            "query": "And now?",
+            "budget": {"max_context_tokens": window, "output_reserve": 16},
+        }
+    )
+
+
+def _check_common(result: FitResult) -> bool:
+    if result.status == "error":
+        assert result.error is not None
+        assert result.error.code == "over_budget", result.error
+        return False
+    u = result.usage
+    assert u is not None
+    assert u.total_tokens == u.system + u.history + u.context + u.query + u.framing + u.tools
+    assert u.total_tokens <= u.budget_tokens
+    # every message of a dropped exchange is listed under the same unit, and units are whole
+    units: dict[int | None, list[int]] = {}
+    for d in result.dropped:
+        if d.slot == "history":
+            units.setdefault(d.unit, []).append(d.index or 0)
+    for members in units.values():
+        assert members == list(range(members[0], members[0] + len(members)))
+    return True
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "claude-sonnet-4-5"])
+@SETTINGS
+@given(history=openai_transcripts(), window=st.integers(60, 3000))
+def test_openai_agent_transcripts_trim_without_orphans(
+    make_engine: Callable[[], Engine], model: str, history: list[dict[str, Any]], window: int
+) -> None:
+    engine = make_engine()
+    engine.on_unavailable = "estimate"
+    result = engine.fit_sync(_request(history, model, window))
+    if not _check_common(result):
+        return
+    if model == "gpt-4o":
+        check_openai_output(result)
+        sent = len(result.messages) - 2  # the system message and the final user message
+        dropped = sum(1 for d in result.dropped if d.slot == "history")
+        assert sent + dropped == len(history)
+        kept_pins = sum(1 for m in history if m.get("pin"))
+        assert kept_pins <= sent
+    else:
+        check_anthropic_output(result)
+
+
+@pytest.mark.parametrize("model", ["claude-sonnet-4-5", "gpt-4o"])
+@SETTINGS
+@given(history=claude_transcripts(), window=st.integers(60, 6000))
+def test_claude_agent_transcripts_trim_without_orphans(
+    make_engine: Callable[[], Engine], model: str, history: list[dict[str, Any]], window: int
+) -> None:
+    engine = make_engine()
+    engine.on_unavailable = "estimate"
+    result = engine.fit_sync(_request(history, model, window))
+    if not _check_common(result):
+        return
+    if model == "gpt-4o":
+        check_openai_output(result)
+    else:
+        check_anthropic_output(result)
+        pinned = [m for m in history if m.get("pin")]
+        if pinned:  # a pinned turn is sent (the final turn may carry the context after it)
+            sent = [m.model_dump(exclude_none=True) for m in result.messages]
+            first = {k: v for k, v in pinned[0].items() if k != "pin"}
+            strip = [
+                {**first, "content": _no_sizes(first["content"])},
+            ][0]
+            assert any(
+                m == strip or (m["role"] == strip["role"] and _starts(m, strip)) for m in sent
+            )
+
+
+def _no_sizes(content: Any) -> Any:
+    if isinstance(content, str):
+        return content
+    return [{k: v for k, v in b.items() if k not in ("width", "height")} for b in content]
+
+
+def _starts(m: dict[str, Any], want: dict[str, Any]) -> bool:
+    got, exp = m["content"], want["content"]
+    if isinstance(exp, str):
+        exp = [{"type": "text", "text": exp}]
+    if isinstance(got, str):
+        got = [{"type": "text", "text": got}]
+    return bool(got[: len(exp)] == exp)
+
+
+# -- tool definitions recount by the cookbook's num_tokens_for_tools -----------------------
+
+_word = st.text(st.characters(categories=["Ll", "Lu", "Nd"]), min_size=1, max_size=12)
+_props = st.dictionaries(
+    _word,
+    st.fixed_dictionaries(
+        {"type": st.just("string"), "description": _word},
+        optional={"enum": st.lists(_word, min_size=1, max_size=3, unique=True)},
+    ),
+    min_size=1,
+    max_size=3,
+)
+_tools = st.lists(
+    st.builds(
+        lambda name, desc, props: {
+            "type": "function",
+            "function": {
+                "name": name,
+                "description": desc,
+                "parameters": {"type": "object", "properties": props},
+            },
+        },
+        _word,
+        _word,
+        _props,
+    ),
+    min_size=1,
+    max_size=3,
+    unique_by=lambda t: t["function"]["name"],
+)
+
+
+def cookbook_tools(tools: list[dict[str, Any]], enc_name: str, gpt4o: bool) -> int:
+    """The cookbook's num_tokens_for_tools, written out again from the notebook."""
+    enc = encoding(enc_name)
+    func_init = 7 if gpt4o else 10
+    prop_init, prop_key, enum_init, enum_item, func_end = 3, 3, -3, 3, 12
+    n = 0
+    for tool in tools:
+        n += func_init
+        fn = tool["function"]
+        n += len(enc.encode_ordinary(fn["name"] + ":" + fn["description"].rstrip(".")))
+        props = fn["parameters"]["properties"]
+        if props:
+            n += prop_init
+            for key, spec in props.items():
+                n += prop_key
+                if "enum" in spec:
+                    n += enum_init
+                    for item in spec["enum"]:
+                        n += enum_item + len(enc.encode_ordinary(item))
+                line = f"{key}:{spec['type']}:{spec['description'].rstrip('.')}"
+                n += len(enc.encode_ordinary(line))
+    return n + func_end
+
+
+@pytest.mark.parametrize(
+    ("model", "enc_name"), [("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base")]
+)
+@SETTINGS
+@given(tools=_tools, query=_word)
+def test_tool_definitions_recount_by_the_cookbook(
+    make_engine: Callable[[], Engine],
+    model: str,
+    enc_name: str,
+    tools: list[dict[str, Any]],
+    query: str,
+) -> None:
+    doc = {"request_id": "t", "model": model, "system": "S.", "query": query, "tools": tools}
+    result = make_engine().fit_sync(AssemblyRequest.model_validate(doc))
+    assert result.status == "ok", result.error
+    assert result.usage is not None
+    messages = [m.model_dump(exclude_none=True) for m in result.messages]
+    tools_tokens = cookbook_tools(tools, enc_name, model == "gpt-4o")
+    assert result.usage.tools == tools_tokens
+    assert result.usage.total_tokens == chat_tokens(messages, enc_name) + tools_tokens
+    assert result.exact is True
