@@ -19,7 +19,11 @@ from worker.engine.engine import Engine
 from worker.engine.request import AssemblyRequest
 from worker.engine.result import FitResult
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=int(__import__("os").environ.get("NATIVE_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def _request(history: list[dict[str, Any]], model: str, window: int) -> AssemblyRequest:
@@ -196,3 +200,87 @@ def test_tool_definitions_recount_by_the_cookbook(
     assert result.usage.tools == tools_tokens
     assert result.usage.total_tokens == chat_tokens(messages, enc_name) + tools_tokens
     assert result.exact is True
+
+
+# -- bad input never crashes --------------------------------------------------------------
+
+_scalar = st.none() | st.booleans() | st.integers(-2, 3) | st.sampled_from(["", "x", "call_1"])
+_part = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(
+            ["text", "image_url", "image", "document", "tool_use", "tool_result", "thinking", "?"]
+        )
+    },
+    optional={
+        "text": _scalar,
+        "image_url": st.just({"url": "data:image/png;base64,AAAA"}) | _scalar,
+        "source": st.just({"type": "base64", "media_type": "image/png", "data": "AA=="}) | _scalar,
+        "id": _scalar,
+        "tool_use_id": _scalar,
+        "name": _scalar,
+        "input": st.just({}) | _scalar,
+        "content": _scalar,
+        "cache_control": st.just({"type": "ephemeral"}),
+    },
+)
+_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "tool", "system", "developer"])},
+    optional={
+        "content": _scalar | st.lists(_part, max_size=3),
+        "tool_calls": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "id": _scalar,
+                    "type": st.just("function"),
+                    "function": st.just({"name": "f", "arguments": "{}"}) | _scalar,
+                }
+            ),
+            max_size=2,
+        ),
+        "tool_call_id": _scalar,
+        "pin": st.booleans(),
+    },
+)
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "claude-sonnet-4-5"])
+@SETTINGS
+@given(
+    history=st.lists(_message, max_size=5),
+    tools=st.none() | st.lists(st.just({"name": "f", "input_schema": {}}) | _part, max_size=2),
+    choice=st.none() | st.sampled_from(["auto", "required", "bogus"]) | st.just({"type": "any"}),
+    query=st.just("q") | st.lists(_part, max_size=2),
+)
+def test_any_native_input_is_a_result_never_an_exception(
+    make_engine: Callable[[], Engine],
+    model: str,
+    history: list[dict[str, Any]],
+    tools: list[Any] | None,
+    choice: Any,
+    query: Any,
+) -> None:
+    from worker.engine.decode import decode_request
+    from worker.errors import TokenheapError
+
+    doc = {"request_id": "f", "model": model, "history": history, "query": query}
+    if tools is not None:
+        doc["tools"] = tools
+    if choice is not None:
+        doc["tool_choice"] = choice
+    import json
+
+    try:
+        req = decode_request(json.dumps(doc))
+    except TokenheapError:
+        return
+    engine = make_engine()
+    engine.on_unavailable = "estimate"
+    result = engine.fit_sync(req)
+    if result.status == "error":
+        assert result.error is not None
+        assert result.error.code in ("invalid_request", "request_too_large", "over_budget")
+    else:
+        if model == "gpt-4o":
+            check_openai_output(result)
+        else:
+            check_anthropic_output(result)

@@ -20,9 +20,6 @@ from worker.engine.request import AssemblyRequest, Turn
 from worker.providers.base import ImageCheck
 from worker.providers.rules import PayloadRules, default_rules
 
-# Anthropic's Messages API has only user and assistant turns.
-_ANTHROPIC_ROLE = {"user": "user", "assistant": "assistant"}
-
 
 @dataclass(frozen=True, slots=True)
 class Payload:
@@ -90,7 +87,7 @@ class Layout:
             messages.append({"role": "system", "content": self.system_sdk})
         messages.extend(self.messages[i] for i in self.kept_indices(plan.history_kept))
         final = self.final_content(plan, units)
-        if not openai and not self.legacy and messages and messages[-1]["role"] == "user":
+        if not openai and messages and messages[-1]["role"] == "user":
             # Claude: tool results (or a user turn) end the kept history; the context and
             # query join that turn after its blocks so roles still alternate.
             last = messages[-1]
@@ -156,7 +153,7 @@ def build_layout(
         "header": tpl.context_header,
         "chunk_template": tpl.chunk_template,
     }
-    if is_legacy(req):
+    if is_legacy(req, provider):
         return _legacy(req, provider, tpl, common)
     rules = rules or default_rules()
     images = ImageCheck(provider, model, rules)
@@ -231,7 +228,7 @@ def _legacy(
     turns: Sequence[Turn] = req.history  # type: ignore[assignment]
     assert isinstance(req.system, str) and isinstance(req.query, str)
     if provider == "openai":
-        messages = tuple(t.model_dump(exclude_none=True) for t in turns)
+        messages = tuple(_plain(t) for t in turns)
     else:
         messages = tuple(_anthropic_turn(t) for t in turns)
     bills = tuple(
@@ -286,12 +283,19 @@ def _excluded(req: AssemblyRequest) -> tuple[str | None, ...]:
     return tuple(excluded)
 
 
+def _plain(t: Turn) -> dict[str, Any]:
+    """A plain turn as sent (what `model_dump(exclude_none=True)` gives, without its cost)."""
+    out: dict[str, Any] = {"role": t.role, "content": t.content}
+    if t.name is not None:
+        out["name"] = t.name
+    if t.tool_call_id is not None:
+        out["tool_call_id"] = t.tool_call_id
+    return out
+
+
 def _anthropic_turn(t: Turn) -> dict[str, Any]:
-    role = _ANTHROPIC_ROLE.get(t.role)
-    if role is not None:
-        return {"role": role, "content": t.content}
-    label = f"[{t.role} {t.tool_call_id}]" if t.tool_call_id else f"[{t.role}]"
-    return {"role": "user", "content": f"{label} {t.content}"}
+    """A plain user or assistant turn (other roles take the native path, see `is_legacy`)."""
+    return {"role": t.role, "content": t.content}
 
 
 def _dump(value: Any) -> Any:

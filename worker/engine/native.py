@@ -49,10 +49,15 @@ class Native:
     units: list[Unit]
 
 
-def is_legacy(req: AssemblyRequest) -> bool:
-    """The original plain-text contract: passed through as before, exact as before."""
+def is_legacy(req: AssemblyRequest, provider: Provider) -> bool:
+    """The original plain-text contract: passed through as before, exact as before. For
+    Claude only user and assistant turns: a plain `system` or `tool` turn is read as the
+    OpenAI message it is and converted, not flattened into a labelled user turn."""
     return (
-        all(isinstance(t, Turn) for t in req.history)
+        all(
+            isinstance(t, Turn) and (provider == "openai" or t.role in ("user", "assistant"))
+            for t in req.history
+        )
         and isinstance(req.system, str)
         and isinstance(req.query, str)
         and req.tools is None
