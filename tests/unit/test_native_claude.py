@@ -22,7 +22,7 @@ from worker.count.cache import CountCache
 from worker.engine.engine import Engine
 from worker.engine.request import AssemblyRequest
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "claude-agent-request.json"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "native" / "claude-tools-request.json"
 
 
 def _png(w: int, h: int) -> str:

@@ -21,7 +21,7 @@ from tests.unit.test_cli import ROOT, run
 
 @pytest.mark.parametrize("name", ["openai-agent-request.json", "multimodal-request.json"])
 def test_openai_examples_fit_and_validate(name: str) -> None:
-    proc = run("fit", f"examples/{name}")
+    proc = run("fit", f"examples/native/{name}")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["status"] == "ok", result.get("error")
@@ -38,7 +38,7 @@ def test_claude_example_fits_offline_with_an_estimate() -> None:
     env = {**os.environ, "TOKENHEAP_ON_COUNT_UNAVAILABLE": "estimate"}
     env.pop("ANTHROPIC_API_KEY", None)
     env.pop("TOKENHEAP_ANTHROPIC_BASE_URL", None)
-    proc = run("fit", "examples/claude-agent-request.json", env=env)
+    proc = run("fit", "examples/native/claude-tools-request.json", env=env)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["status"] == "ok", result.get("error")
@@ -50,7 +50,7 @@ def test_claude_example_fits_offline_with_an_estimate() -> None:
 
 
 def test_bad_native_part_is_an_error_result_not_a_traceback() -> None:
-    doc = json.loads((ROOT / "examples" / "openai-agent-request.json").read_text())
+    doc = json.loads((ROOT / "examples" / "native" / "openai-agent-request.json").read_text())
     del doc["history"][4]  # a tool call left without its result
     proc = run("fit", "-", stdin=json.dumps(doc))
     assert "Traceback" not in proc.stderr

@@ -29,7 +29,8 @@ from worker.engine.result import FitResult
 from worker.providers import anthropic as an
 from worker.providers import openai as oa
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "native"
+PLAIN = EXAMPLES.parent
 
 WEATHER = {
     "type": "function",
@@ -230,7 +231,7 @@ def test_mixed_shapes_are_refused(make_engine: Callable[[], Engine]) -> None:
 def test_claude_example_estimated_offline(make_engine: Callable[[], Engine]) -> None:
     engine = make_engine()
     engine.on_unavailable = "estimate"
-    result = _fit(engine, _example("claude-agent-request.json"))
+    result = _fit(engine, _example("claude-tools-request.json"))
     assert result.status == "ok", result.error
     check_anthropic_output(result)
     sent = _dumps(result)
@@ -238,7 +239,7 @@ def test_claude_example_estimated_offline(make_engine: Callable[[], Engine]) -> 
     # context and query join the tool_result turn, after its results
     assert [b["type"] for b in last] == ["tool_result", "text"]
     assert last[1]["text"].endswith("one sentence.")
-    assert result.system == _example("claude-agent-request.json")["system"]
+    assert result.system == _example("claude-tools-request.json")["system"]
     assert result.exact is False
     assert any(r.startswith("document:") for r in result.inexact)
 
@@ -258,7 +259,7 @@ def test_openai_history_converts_for_claude(make_engine: Callable[[], Engine]) -
 
 
 def test_claude_history_converts_for_openai(make_engine: Callable[[], Engine]) -> None:
-    doc = _example("claude-agent-request.json", model="gpt-4o")
+    doc = _example("claude-tools-request.json", model="gpt-4o")
     result = _fit(make_engine(), doc)
     assert result.status == "ok", result.error
     check_openai_output(result)
@@ -270,7 +271,7 @@ def test_claude_history_converts_for_openai(make_engine: Callable[[], Engine]) -
 
 
 def test_thinking_cannot_go_to_openai(make_engine: Callable[[], Engine]) -> None:
-    doc = _example("claude-agent-request.json", model="gpt-4o")
+    doc = _example("claude-tools-request.json", model="gpt-4o")
     doc["history"][3]["content"].insert(0, {"type": "thinking", "thinking": "t", "signature": "s"})
     result = _fit(make_engine(), doc)
     assert result.status == "error" and result.error is not None
@@ -281,7 +282,7 @@ def test_thinking_cannot_go_to_openai(make_engine: Callable[[], Engine]) -> None
 def test_plain_request_output_is_unchanged_in_shape(
     make_engine: Callable[[], Engine],
 ) -> None:
-    doc = json.loads((EXAMPLES / "request.json").read_text())
+    doc = json.loads((PLAIN / "request.json").read_text())
     result = _fit(make_engine(), copy.deepcopy(doc))
     assert result.status == "ok" and result.exact is True and result.inexact == []
     assert result.tools is None
@@ -291,7 +292,7 @@ def test_plain_request_output_is_unchanged_in_shape(
 def test_claude_trim_keeps_units_whole_and_the_pin(make_engine: Callable[[], Engine]) -> None:
     engine = make_engine()
     engine.on_unavailable = "estimate"
-    base = _example("claude-agent-request.json")
+    base = _example("claude-tools-request.json")
     full = _fit(engine, base)
     assert full.usage is not None
     for cut in (5, 20, 40, 60):
