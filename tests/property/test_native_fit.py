@@ -284,3 +284,72 @@ def test_any_native_input_is_a_result_never_an_exception(
             check_openai_output(result)
         else:
             check_anthropic_output(result)
+
+
+# -- images recount by OpenAI's published tile rule ------------------------------------------
+
+
+def _png_header(w: int, h: int) -> str:
+    """Just the PNG signature and IHDR: sizes come from the header, pixels are never read."""
+    import base64
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    crc = struct.pack(">I", zlib.crc32(chunk))
+    raw = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + crc
+    return base64.b64encode(raw).decode()
+
+
+def vision_tiles(w: int, h: int, detail: str | None, base: int, tile: int) -> int:
+    """OpenAI vision guide, 'Calculating costs': low = base; otherwise fit in 2048x2048,
+    then shortest side 768, then 512-px tiles (never scaled up); auto / absent as high."""
+    from fractions import Fraction
+    from math import ceil
+
+    if detail == "low":
+        return base
+    fw, fh = Fraction(w), Fraction(h)
+    if max(fw, fh) > 2048:
+        s = Fraction(2048) / max(fw, fh)
+        fw, fh = fw * s, fh * s
+    if min(fw, fh) > 768:
+        s = Fraction(768) / min(fw, fh)
+        fw, fh = fw * s, fh * s
+    return base + tile * ceil(fw / 512) * ceil(fh / 512)
+
+
+@pytest.mark.parametrize(("model", "base", "tile"), [("gpt-4o", 85, 170), ("gpt-4o-mini", 2833, 5667)])
+@SETTINGS
+@given(
+    w=st.integers(1, 6000),
+    h=st.integers(1, 6000),
+    detail=st.sampled_from([None, "low", "high", "auto"]),
+    text=_word,
+)
+def test_query_image_recounts_by_the_tile_rule(
+    make_engine: Callable[[], Engine],
+    model: str,
+    base: int,
+    tile: int,
+    w: int,
+    h: int,
+    detail: str | None,
+    text: str,
+) -> None:
+    image: dict[str, Any] = {"url": "data:image/png;base64," + _png_header(w, h)}
+    if detail is not None:
+        image["detail"] = detail
+    query = [{"type": "text", "text": text}, {"type": "image_url", "image_url": image}]
+    doc = {"request_id": "i", "model": model, "query": query}
+    result = make_engine().fit_sync(AssemblyRequest.model_validate(doc))
+    if result.status == "error":  # over a pixel limit: refused with the part's path
+        assert result.error is not None and "query[0].content[1]" in result.error.message
+        return
+    assert result.usage is not None
+    enc = encoding("o200k_base")
+    assert result.usage.query == len(enc.encode_ordinary(text)) + vision_tiles(
+        w, h, detail, base, tile
+    )
+    check_openai_output(result)

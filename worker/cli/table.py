@@ -28,6 +28,7 @@ def render_table(r: FitResult) -> str:
         ("context", u.context),
         ("query", u.query),
         ("framing", u.framing),
+        ("tools", u.tools),
     ):
         lines.append(f"  {name:<8} {_bar(used, u.budget_tokens)} {used:>8}")
     lines.append(
