@@ -308,3 +308,19 @@ def test_claude_trim_keeps_units_whole_and_the_pin(make_engine: Callable[[], Eng
         assert dropped, "the budget is meant to force a drop"
         if 3 in dropped:  # the tool_use turn goes with its tool_result turn, as one unit
             assert dropped.get(4) == dropped[3]
+
+
+def test_bad_query_part_is_named_by_its_place_in_the_query(
+    make_engine: Callable[[], Engine],
+) -> None:
+    doc = {
+        "request_id": "q",
+        "model": "gpt-4o",
+        "query": [
+            {"type": "text", "text": "look"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        ],
+    }
+    result = _fit(make_engine(), doc)
+    assert result.status == "error" and result.error is not None
+    assert result.error.message.startswith("query[1].image_url.url"), result.error.message

@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 
 from worker.catalog import Provider
 from worker.engine.request import AssemblyRequest, Turn
-from worker.errors import InvalidRequest
+from worker.errors import InvalidRequest, RequestTooLarge
 from worker.providers import anthropic as an
 from worker.providers import convert
 from worker.providers import openai as oa
@@ -185,6 +185,16 @@ def _query(
     """The query's parts in the target shape, checked like a user message at `query`."""
     if isinstance(query, str):
         return None
+    try:
+        return _query_parts(query, provider, model, rules, images)
+    except (InvalidRequest, RequestTooLarge) as exc:
+        # the parts were checked as one user message; name them as the request does
+        raise type(exc)(str(exc).replace("query[0].content", "query", 1)) from None
+
+
+def _query_parts(
+    query: list[Any], provider: Provider, model: str, rules: PayloadRules, images: ImageCheck
+) -> list[Any]:
     if not query:
         raise InvalidRequest("query: an empty list of parts; send a string or at least one part")
     source = _parts_shape(query) or provider
@@ -207,7 +217,9 @@ def _query(
         _, [native] = convert.openai_to_anthropic(mine, root="query")
     for j, block in enumerate(an.blocks(native)):
         if isinstance(block, an.ToolResultBlock):
-            raise InvalidRequest(f"query[{j}]: a tool_result belongs in history, not the query")
+            raise InvalidRequest(
+                f"query[0].content[{j}]: a tool_result belongs in history, not the query"
+            )
     return an.blocks(native)
 
 
