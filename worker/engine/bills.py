@@ -28,8 +28,10 @@ CLAUDE_TOOLS = "tools: estimated as their JSON text (the count API is exact)"
 THINKING = "redacted_thinking: estimated from its size"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Bill:
+    """Not frozen: one is built per message of every request, and a frozen init costs."""
+
     role: str
     content: tuple[str, ...] = ()
     """Texts counted in the message's own slot (history, query or tools)."""

@@ -75,7 +75,9 @@ class Layout:
     tools_bill: Bill
     chunk_template: str
     legacy: bool
-    """The original plain-text contract (kept byte for byte, including Claude's labels)."""
+    """The original plain-text contract (kept byte for byte)."""
+    turns: Sequence[Turn] = ()
+    """Plain requests: the request's own turns (OpenAI output passes them through)."""
     inexact: tuple[str, ...] = field(default=())
     """Why counts are not exact: one reason per kind of part counted by an unstated rule."""
 
@@ -96,6 +98,17 @@ class Layout:
             messages.append({"role": "user", "content": final})
         system = None if openai or not self.system else self.system_sdk
         return Payload(messages, system, self.tools, self.tool_choice)
+
+    def plain_messages(self, plan: Plan, units: dict[int, str] | None = None) -> list[Turn]:
+        """`render(plan).messages` for a plain OpenAI request as the request's own turns,
+        passed through without a copy (the hot path of text-only traffic)."""
+        out: list[Turn] = []
+        if self.system:
+            out.append(Turn(role="system", content=self.system))
+        turns = self.turns
+        out.extend(turns[i] for i in self.kept_indices(plan.history_kept))
+        out.append(Turn(role="user", content=self.final_content(plan, units)))
+        return out
 
     def final_content(self, plan: Plan, units: dict[int, str] | None = None) -> Any:
         """The final user message's content: context then query (text or parts)."""
@@ -231,15 +244,7 @@ def _legacy(
         messages = tuple(_plain(t) for t in turns)
     else:
         messages = tuple(_anthropic_turn(t) for t in turns)
-    bills = tuple(
-        Bill(
-            role=m["role"],
-            content=(m["content"],),
-            framing=tuple(v for v in (t.name, t.tool_call_id) if v is not None),
-            named=t.name is not None,
-        )
-        for t, m in zip(turns, messages, strict=True)
-    )
+    bills = tuple(_plain_bill(t, m["role"]) for t, m in zip(turns, messages, strict=True))
     groups: list[list[int]] = []
     pins: list[bool] = []
     for i, turn in enumerate(turns):
@@ -265,6 +270,7 @@ def _legacy(
         tool_choice=None,
         tools_bill=Bill("tools"),
         legacy=True,
+        turns=turns,
         **common,
     )
 
@@ -281,6 +287,19 @@ def _excluded(req: AssemblyRequest) -> tuple[str | None, ...]:
             seen.add(chunk.text)
             excluded.append(None)
     return tuple(excluded)
+
+
+_NO_TEXTS: tuple[str, ...] = ()
+
+
+def _plain_bill(t: Turn, role: str) -> Bill:
+    """The cookbook's every-value rule for a plain turn: content, and name / tool_call_id
+    as framing (built inline: this runs once per turn of every request)."""
+    name, call = t.name, t.tool_call_id
+    if name is None and call is None:
+        return Bill(role, (t.content,), _NO_TEXTS)
+    framing = tuple(v for v in (name, call) if v is not None)
+    return Bill(role, (t.content,), framing, name is not None)
 
 
 def _plain(t: Turn) -> dict[str, Any]:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from worker.engine.budget import alert_threshold, system_share
 from worker.engine.costs import Costs
+from worker.engine.layout import Payload
 from worker.engine.plan import Plan
 from worker.engine.prepared import Prepared
-from worker.engine.request import AssemblyRequest
+from worker.engine.request import AssemblyRequest, Turn
 from worker.engine.result import (
     Alert,
     CacheUse,
@@ -37,7 +38,13 @@ def build_result(
     """Usage from the counted pieces; a confirmed payload count replaces their sum
     (the difference is framing the count API does not itemise)."""
     layout, req = p.layout, p.req
-    payload = layout.render(plan, units)
+    messages: list[Message | Turn]
+    if layout.legacy and layout.provider == "openai":
+        payload = Payload([])
+        messages = list(layout.plain_messages(plan, units))
+    else:
+        payload = layout.render(plan, units)
+        messages = [Message.model_construct(**m) for m in payload.messages]
     turn_ids = layout.turn_indices(plan.history_kept)
     history = sum(costs.content[i] for i in turn_ids)
     context = 0
@@ -80,7 +87,7 @@ def build_result(
         exact=not inexact,
         inexact=inexact,
         system=payload.system,
-        messages=[Message.model_construct(**m) for m in payload.messages],
+        messages=messages,
         tools=payload.tools,
         tool_choice=payload.tool_choice,
         usage=usage,

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.engine.request import Turn
+
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -100,7 +102,9 @@ class FitResult(_Out):
     """When not exact: why, one reason per kind of part (`tool_calls: undocumented framing`)."""
     system: str | list[dict[str, Any]] | None = None
     """Anthropic only: the top-level `system` parameter (a string or text blocks)."""
-    messages: list[Message] = Field(default_factory=list)
+    messages: list[Message | Turn] = Field(default_factory=list)
+    """Plain-text OpenAI requests pass their own turns through (a `Turn` is a `Message`
+    with the plain fields); every other message is the SDK's shape as a `Message`."""
     tools: list[dict[str, Any]] | None = None
     """The request's tool definitions, in the target provider's shape."""
     tool_choice: str | dict[str, Any] | None = None
