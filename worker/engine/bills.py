@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from worker.catalog import Provider
+from worker.engine.bill import Bill
 from worker.providers import anthropic as an
 from worker.providers import openai as oa
 from worker.providers.documents import PDF_ESTIMATE, pdf_tokens
@@ -26,25 +26,6 @@ PARTS = "content parts: per-part framing undocumented"
 CHOICE = "tool_choice: undocumented framing"
 CLAUDE_TOOLS = "tools: estimated as their JSON text (the count API is exact)"
 THINKING = "redacted_thinking: estimated from its size"
-
-
-@dataclass(slots=True)
-class Bill:
-    """Not frozen: one is built per message of every request, and a frozen init costs."""
-
-    role: str
-    content: tuple[str, ...] = ()
-    """Texts counted in the message's own slot (history, query or tools)."""
-    framing: tuple[str, ...] = ()
-    """Texts counted as framing (a name, a tool_call_id)."""
-    named: bool = False
-    content_extra: int = 0
-    """Tokens of the slot from stated rules: images, documents, per-call overheads."""
-    framing_extra: int = 0
-    inexact: tuple[str, ...] = ()
-
-    def texts(self) -> list[str]:
-        return [*self.content, *self.framing]
 
 
 def record(

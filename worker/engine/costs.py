@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from worker.catalog import ChatFraming
-from worker.engine.bills import Bill
+from worker.engine.bill import Bill
 from worker.engine.layout import Layout
 from worker.engine.plan import Wants
 

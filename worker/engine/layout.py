@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.catalog import ModelInfo, Provider, RenderTemplates
-from worker.engine.bills import PARTS, Bill, anthropic_bill, openai_bill, record, tools_bill
-from worker.engine.native import is_legacy, prepare_native
+from worker.engine.bill import Bill
 from worker.engine.plan import Plan
 from worker.engine.request import AssemblyRequest, Turn
-from worker.providers.base import ImageCheck
-from worker.providers.rules import PayloadRules, default_rules
+
+if TYPE_CHECKING:
+    from worker.providers.rules import PayloadRules
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +168,12 @@ def build_layout(
     }
     if is_legacy(req, provider):
         return _legacy(req, provider, tpl, common)
+    # Native parts only: the provider models take a while to import, plain text never needs them
+    from worker.engine.bills import PARTS, anthropic_bill, openai_bill, tools_bill
+    from worker.engine.native import prepare_native
+    from worker.providers.base import ImageCheck
+    from worker.providers.rules import default_rules
+
     rules = rules or default_rules()
     images = ImageCheck(provider, model, rules)
     native = prepare_native(req, provider, rules, images)
@@ -233,6 +239,22 @@ class _QueryMessage:
 
     content: list[Any]
     role: str = "user"
+
+
+def is_legacy(req: AssemblyRequest, provider: Provider) -> bool:
+    """The original plain-text contract: passed through as before, exact as before. For
+    Claude only user and assistant turns: a plain `system` or `tool` turn is read as the
+    OpenAI message it is and converted, not flattened into a labelled user turn."""
+    return (
+        all(
+            isinstance(t, Turn) and (provider == "openai" or t.role in ("user", "assistant"))
+            for t in req.history
+        )
+        and isinstance(req.system, str)
+        and isinstance(req.query, str)
+        and req.tools is None
+        and req.tool_choice is None
+    )
 
 
 def _legacy(
@@ -343,4 +365,4 @@ def _blocks(content: Any) -> list[Any]:
     return list(content)
 
 
-__all__ = ["Bill", "Layout", "Payload", "build_layout", "record"]
+__all__ = ["Bill", "Layout", "Payload", "build_layout"]

@@ -49,22 +49,6 @@ class Native:
     units: list[Unit]
 
 
-def is_legacy(req: AssemblyRequest, provider: Provider) -> bool:
-    """The original plain-text contract: passed through as before, exact as before. For
-    Claude only user and assistant turns: a plain `system` or `tool` turn is read as the
-    OpenAI message it is and converted, not flattened into a labelled user turn."""
-    return (
-        all(
-            isinstance(t, Turn) and (provider == "openai" or t.role in ("user", "assistant"))
-            for t in req.history
-        )
-        and isinstance(req.system, str)
-        and isinstance(req.query, str)
-        and req.tools is None
-        and req.tool_choice is None
-    )
-
-
 def prepare_native(
     req: AssemblyRequest, provider: Provider, rules: PayloadRules, images: ImageCheck
 ) -> Native:
