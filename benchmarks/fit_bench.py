@@ -22,7 +22,7 @@ DATA = ROOT / "benchmarks" / "data"
 PY = sys.executable
 
 
-def contenders(reuse: Path, cold: Path) -> dict[str, tuple[list[str], Path]]:
+def contenders(reuse: Path, cold: Path, agent: Path) -> dict[str, tuple[list[str], Path]]:
     fit = [PY, "-m", "worker", "fit"]
     base = [PY, "-m", "benchmarks.baselines"]
     return {
@@ -33,6 +33,8 @@ def contenders(reuse: Path, cold: Path) -> dict[str, tuple[list[str], Path]]:
         "tiktoken count only (cold)": ([*base, "tiktoken", str(cold)], cold),
         "tiktoken batch, 2 threads (cold)": ([*base, "tiktoken-batch", str(cold)], cold),
         "seed algorithm (cold)": ([*base, "seed", str(cold)], cold),
+        # native tool calls, tool messages and tool definitions (no baseline counts them)
+        "tokenheap fit (agent)": ([*fit, str(agent)], agent),
     }
 
 
@@ -56,11 +58,12 @@ def main() -> None:
     }
     reuse = write("reuse", DATA / "reuse.jsonl", **kw)
     cold = write("cold", DATA / "cold.jsonl", **kw)
+    agent = write("agent", DATA / "agent.jsonl", **kw)
     n = args.conversations * args.turns
-    for path in (reuse, cold):
+    for path in (reuse, cold, agent):
         mb = path.stat().st_size / 1e6
         print(f"{path.name}: {n} requests, {mb:.1f} MB")
-    cmds = contenders(reuse, cold)
+    cmds = contenders(reuse, cold, agent)
     times: dict[str, list[float]] = {name: [] for name in cmds}
     for _ in range(args.rounds):
         for name, (cmd, _) in cmds.items():
@@ -69,12 +72,13 @@ def main() -> None:
     ref = {
         "reuse": med["tokenheap fit (reuse)"],
         "cold": med["tokenheap fit (cold)"],
+        "agent": med["tokenheap fit (agent)"],
     }
     print(f"\n{args.rounds} rounds, median wall time per whole process ({n} requests each)\n")
     print("| process | seconds | requests/s | tokenheap is ... x faster |")
     print("| --- | ---: | ---: | ---: |")
     for name, t in med.items():
-        kind = "reuse" if "(reuse)" in name else "cold"
+        kind = next(k for k in ref if f"({k})" in name)
         ratio = t / ref[kind]
         print(f"| {name} | {t:.2f} | {n / t:.0f} | {ratio:.2f} |")
 

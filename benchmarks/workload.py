@@ -3,6 +3,8 @@
 reuse: conversations resent every turn (turn N carries turns 1..N-1), chunks drawn with a
        Zipf-like skew from a pool (popular chunks come back), one shared system prompt.
 cold:  the same shapes, but no text appears twice anywhere in the file.
+agent: reuse, with native OpenAI tool use: every answer follows 1-3 parallel tool calls and
+       their results, and the requests carry tool definitions.
 """
 
 from __future__ import annotations
@@ -54,6 +56,58 @@ class _Text:
         return f"({self.n}) {text}" if self.fresh else text
 
 
+TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": desc,
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string", "description": "What to look up"},
+                    "scope": {
+                        "type": "string",
+                        "description": "Where to look",
+                        "enum": ["docs", "tickets", "code"],
+                    },
+                },
+                "required": ["query"],
+            },
+        },
+    }
+    for name, desc in (
+        ("search_docs", "Search the product documentation"),
+        ("get_ticket", "Fetch a support ticket by id"),
+        ("run_query", "Run a read-only analytics query"),
+    )
+]
+
+
+def _tool_round(rng: random.Random, c: int, turn: int) -> list[dict[str, Any]]:
+    """An assistant message with parallel calls, then one tool message per call."""
+    calls = [
+        {
+            "id": f"call_{c}_{turn}_{k}",
+            "type": "function",
+            "function": {
+                "name": TOOLS[k % len(TOOLS)]["function"]["name"],
+                "arguments": json.dumps({"query": passage(c + turn + k, 60), "scope": "docs"}),
+            },
+        }
+        for k in range(rng.randint(1, 3))
+    ]
+    results = [
+        {
+            "role": "tool",
+            "tool_call_id": call["id"],
+            "content": passage(c * 7 + turn * 3 + k, rng.randint(200, 900)),
+        }
+        for k, call in enumerate(calls)
+    ]
+    return [{"role": "assistant", "content": None, "tool_calls": calls}, *results]
+
+
 def build(
     kind: str,
     conversations: int = 40,
@@ -69,7 +123,7 @@ def build(
     text = _Text(fresh)
     paras = paragraphs()
     pool_texts = [passage(i * 13, rng.randint(600, 2400)) for i in range(pool)]
-    convs: list[list[dict[str, str]]] = [[] for _ in range(conversations)]
+    convs: list[list[dict[str, Any]]] = [[] for _ in range(conversations)]
     out: list[dict[str, Any]] = []
     for turn in range(turns):
         for c in range(conversations):
@@ -89,23 +143,24 @@ def build(
                 picked = {_zipf_index(rng, pool) for _ in range(chunks_per_request)}
                 chunks = [{"id": f"doc-{k}", "text": pool_texts[k]} for k in sorted(picked)]
                 system = SYSTEM
-            out.append(
-                {
-                    "request_id": f"{kind}-{c}-{turn}",
-                    "model": model,
-                    "conversation_id": f"conv-{c}",
-                    "system": system,
-                    "history": history,
-                    "chunks": chunks,
-                    "query": question,
-                    "budget": {"max_context_tokens": window, "profile": "rag-chatbot"},
-                }
-            )
+            req: dict[str, Any] = {
+                "request_id": f"{kind}-{c}-{turn}",
+                "model": model,
+                "conversation_id": f"conv-{c}",
+                "system": system,
+                "history": history,
+                "chunks": chunks,
+                "query": question,
+                "budget": {"max_context_tokens": window, "profile": "rag-chatbot"},
+            }
+            if kind == "agent":
+                req["tools"] = TOOLS
+            out.append(req)
             answer = passage(c * 101 + turn * 17, rng.randint(300, 1200))
-            convs[c] += [
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": answer},
-            ]
+            convs[c].append({"role": "user", "content": question})
+            if kind == "agent":
+                convs[c] += _tool_round(rng, c, turn)
+            convs[c].append({"role": "assistant", "content": answer})
     return out
 
 

@@ -101,19 +101,52 @@ def pieces(text: str) -> int:
     return len(_PIECE.findall(text))
 
 
+# Fake costs of the non-text blocks: fixed, so a test can tell the server counted each block.
+IMAGE_TOKENS = 1000
+DOCUMENT_TOKENS = 1500
+TOOL_USE_OVERHEAD = 5
+TOOL_RESULT_OVERHEAD = 3
+TOOLS_OVERHEAD = 300
+"""The hidden tool-use system prompt Claude adds whenever `tools` is present."""
+
+
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
-    return "".join(block["text"] for block in content)
+    return "".join(block["text"] for block in content if block.get("type") == "text")
 
 
-def expected_tokens(system: Any, messages: list[dict[str, Any]]) -> int:
+def content_tokens(content: Any) -> int:
+    """Tokens of a message's content: text pieces plus each block's fixed fake cost."""
+    if isinstance(content, str):
+        return pieces(content)
+    n = 0
+    for block in content:
+        kind = block.get("type")
+        if kind == "text":
+            n += pieces(block["text"])
+        elif kind == "image":
+            n += IMAGE_TOKENS
+        elif kind == "document":
+            n += DOCUMENT_TOKENS + pieces(block.get("title") or "")
+        elif kind == "tool_use":
+            n += TOOL_USE_OVERHEAD + pieces(block["name"]) + pieces(json.dumps(block["input"]))
+        elif kind == "tool_result":
+            n += TOOL_RESULT_OVERHEAD + content_tokens(block.get("content") or "")
+    return n
+
+
+def expected_tokens(
+    system: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> int:
     """What the server answers for a valid request (system: None, a string or text blocks)."""
     n = REQUEST_OVERHEAD
     if system is not None:
         n += SYSTEM_OVERHEAD + pieces(_text_of(system))
     for m in messages:
-        n += MESSAGE_OVERHEAD + pieces(_text_of(m["content"]))
+        n += MESSAGE_OVERHEAD + content_tokens(m["content"])
+    if tools:
+        n += TOOLS_OVERHEAD + sum(pieces(json.dumps(t)) for t in tools)
     return n
 
 
@@ -201,9 +234,22 @@ def _check_content(where: str, content: Any) -> None:
     if not isinstance(content, list) or not content:
         raise ApiError(400, f"{where}: Input should be a non-empty string or list of blocks")
     for i, block in enumerate(content):
-        if not isinstance(block, dict) or block.get("type") != "text":
-            raise ApiError(400, f"{where}.{i}.type: only 'text' blocks are supported here")
-        _check_text(f"{where}.{i}.text", block.get("text"))
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind not in _BLOCKS:
+            raise ApiError(400, f"{where}.{i}.type: {kind!r} blocks are not supported here")
+        if kind == "text":
+            _check_text(f"{where}.{i}.text", block.get("text"))
+        elif kind in ("image", "document") and block["source"].get("type") not in (
+            "base64",
+            "text",
+        ):
+            # count_tokens refuses url and file sources (send base64)
+            raise ApiError(400, f"{where}.{i}.source: count_tokens takes base64 sources only")
+        elif kind == "tool_result" and block.get("content") is not None:
+            _check_content(f"{where}.{i}.content", block["content"])
+
+
+_BLOCKS = frozenset({"text", "image", "document", "tool_use", "tool_result"})
 
 
 def _check_rich_content(where: str, content: Any) -> None:
@@ -259,6 +305,8 @@ def validate(body: Any, *, rich: bool = False) -> None:
         check(f"messages.{i}.content", m.get("content"))
     if "system" in body:
         check("system", body["system"])
+        if isinstance(body["system"], list) and any(b["type"] != "text" for b in body["system"]):
+            raise ApiError(400, "system: only text blocks")
     tools = body.get("tools")
     if (
         rich
@@ -412,7 +460,7 @@ class AnthropicServer:
         """The answer for a valid body under this server's counting mode."""
         if self.counting == "bytes":
             return bytes_expected_tokens(body)
-        return expected_tokens(body.get("system"), body["messages"])
+        return expected_tokens(body.get("system"), body["messages"], body.get("tools"))
 
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:

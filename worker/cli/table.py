@@ -24,7 +24,7 @@ from worker.engine.result import DroppedItem, FitResult
 WIDTH = 80
 BAR = 28
 SHOWN_IDS = 4
-SLOTS = ("system", "history", "context", "query", "framing")
+SLOTS = ("system", "history", "context", "query", "tools", "framing")
 HINTS = {
     "counting_unavailable": "offline, TOKENHEAP_ON_COUNT_UNAVAILABLE=estimate gives an "
     "estimate (marked ESTIMATE) instead of this error",

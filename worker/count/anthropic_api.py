@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anthropic
 from anthropic.types import AssistantMessageParam, MessageParam, UserMessageParam
@@ -106,11 +106,18 @@ class AnthropicCounter:
         await self._client.close()
 
     async def count_payload(
-        self, model: str, system: str | None, messages: list[dict[str, str]]
+        self,
+        model: str,
+        system: str | list[dict[str, Any]] | None,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: dict[str, Any] | None = None,
     ) -> int:
-        """Whole-request count of the final payload, to confirm the fit; never cached."""
+        """Whole-request count of the final payload (native blocks, system blocks, tools), to
+        confirm the fit; never cached."""
         params = [_to_param(i, m) for i, m in enumerate(messages)]
-        return await self._count_raw(model, system, params)
+        return await self._count_raw(model, system, params, tools, tool_choice)
 
     async def _count_and_cache(self, model: str, ns: str, key: bytes, text: str) -> int:
         """One API call per distinct text even when concurrent requests miss it together:
@@ -149,14 +156,23 @@ class AnthropicCounter:
                 self._overheads[model] = max(0, raw - 1)
             return self._overheads[model]
 
-    async def _count_raw(self, model: str, system: str | None, messages: list[MessageParam]) -> int:
+    async def _count_raw(
+        self,
+        model: str,
+        system: str | list[dict[str, Any]] | None,
+        messages: list[MessageParam],
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: dict[str, Any] | None = None,
+    ) -> int:
         async with self._sem:
             self.calls += 1
             try:
                 call = self._client.messages.count_tokens(
                     model=model,
                     messages=messages,
-                    system=anthropic.omit if system is None else system,
+                    system=anthropic.omit if system is None else system,  # type: ignore[arg-type]
+                    tools=anthropic.omit if tools is None else tools,  # type: ignore[arg-type]
+                    tool_choice=anthropic.omit if tool_choice is None else tool_choice,  # type: ignore[arg-type]
                 )
                 if self._deadline_s is None:
                     result = await call
@@ -221,11 +237,11 @@ class AnthropicCounter:
         return InvalidRequest(f"count API rejected the request, {where}")
 
 
-def _to_param(index: int, message: dict[str, str]) -> MessageParam:
+def _to_param(index: int, message: dict[str, Any]) -> MessageParam:
     role = message.get("role")
     content = message.get("content")
-    if role not in ("user", "assistant") or not isinstance(content, str):
-        raise InvalidRequest(f"messages[{index}] needs role user|assistant and string content")
+    if role not in ("user", "assistant") or not isinstance(content, str | list):
+        raise InvalidRequest(f"messages[{index}] needs role user|assistant and content")
     if role == "user":
         return UserMessageParam(role="user", content=content)
     return AssistantMessageParam(role="assistant", content=content)

@@ -104,7 +104,7 @@ def _anthropic(
         return 0, 0
     usage = result.usage
     assert usage is not None
-    system: str | None = result.system
+    system: Any = result.system
     messages = [m.model_dump(include={"role", "content"}) for m in result.messages]
     where = payload_blocks(system, messages)
     # block sizes from the counted pieces; the final user message takes the remainder, so

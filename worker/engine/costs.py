@@ -3,33 +3,40 @@
 OpenAI chat billing follows the cookbook's `num_tokens_from_messages`: per message a fixed
 framing plus the tokens of every value (role, content, name, tool_call_id), one more per
 name, and the reply priming. Because every chunk unit starts with a safe character and
-ends in a newline, the final user message costs exactly the sum of its units.
+ends in a newline, the final user message costs exactly the sum of its units. Native parts
+add what their `Bill` states: tool calls, images and documents in the slot of the message
+that carries them, tool definitions in the `tools` slot.
+
+Pinned exchanges are never dropped: their cost is part of `fixed`, and the allocation only
+sees the other exchanges.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from worker.catalog import ChatFraming
+from worker.engine.bill import Bill
 from worker.engine.layout import Layout
 from worker.engine.plan import Wants
 
-_HEAD = 4  # system, header, query, query_unit
+
+def _bills(layout: Layout) -> Iterator[Bill]:
+    yield layout.system_bill
+    yield from layout.bills
+    yield layout.query_bill
+    yield layout.tools_bill
 
 
 def pieces(layout: Layout) -> list[str]:
     """Every text whose count the accounting needs, in a fixed order (see `Costs.of`)."""
-    turns = layout.turns
-    return [
-        layout.system,
-        layout.header,
-        layout.query,
-        layout.query_unit,
-        *layout.contents,
-        *(t.name or "" for t in turns),
-        *(t.tool_call_id or "" for t in turns),
-        *layout.chunk_units,
-    ]
+    out = [layout.header, layout.query, layout.query_unit]
+    for bill in _bills(layout):
+        out += bill.content
+        out += bill.framing
+    out += layout.chunk_units
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +46,15 @@ class Costs:
     system: int
     header: int
     query: int
+    """The query's tokens: its text, or its parts (text, images) for a list query."""
     query_unit: int
     role: dict[str, int]
     content: tuple[int, ...]
-    name: tuple[int, ...]
-    tool_call_id: tuple[int, ...]
+    """Per history message: content, tool calls, images and documents."""
+    msg_framing: tuple[int, ...]
+    """Per history message: framing, role, name and tool_call_id."""
+    tools: int
+    """Tool definitions (and tool_choice, where a rule states it)."""
     chunk: tuple[int, ...]
     framing: ChatFraming
 
@@ -52,18 +63,33 @@ class Costs:
         cls, layout: Layout, counts: list[int], framing: ChatFraming, role: dict[str, int]
     ) -> Costs:
         """`role`: tokens of each role string (the cookbook counts the role's value too)."""
-        n = len(layout.turns)
-        at = _HEAD
+        at = 3
+        header, query, query_unit = counts[0], counts[1], counts[2]
+        sums: list[tuple[int, int]] = []
+        for bill in _bills(layout):
+            n, m = len(bill.content), len(bill.framing)
+            body = sum(counts[at : at + n]) + bill.content_extra
+            frame = sum(counts[at + n : at + n + m]) + bill.framing_extra
+            at += n + m
+            if bill.role not in ("system", "tools"):
+                frame += framing.per_message + role.get(bill.role, 1)
+                if bill.named:
+                    frame += framing.per_name
+            sums.append((body, frame))
+        system = sums[0][0]
+        history = sums[1:-2]
+        query_parts = sums[-2][0]
+        tools = sums[-1][0]
         return cls(
-            system=counts[0],
-            header=counts[1],
-            query=counts[2],
-            query_unit=counts[3],
+            system=system,
+            header=header,
+            query=query if layout.query_parts is None else query_parts,
+            query_unit=query_unit,
             role=role,
-            content=tuple(counts[at : at + n]),
-            name=tuple(counts[at + n : at + 2 * n]),
-            tool_call_id=tuple(counts[at + 2 * n : at + 3 * n]),
-            chunk=tuple(counts[at + 3 * n :]),
+            content=tuple(c for c, _ in history),
+            msg_framing=tuple(f for _, f in history),
+            tools=tools,
+            chunk=tuple(counts[at:]),
             framing=framing,
         )
 
@@ -73,27 +99,32 @@ class Costs:
         return cost + f.per_name if named else cost
 
     def turn_framing(self, layout: Layout, i: int) -> int:
-        """Framing of history turn i, with its name and tool_call_id values."""
-        return self.message_framing(
-            layout.roles[i],
-            named=layout.turns[i].name is not None,
-            extra=self.name[i] + self.tool_call_id[i],
-        )
+        """Framing of history message i, with its name and tool_call_id values."""
+        return self.msg_framing[i]
 
     def fixed(self, layout: Layout) -> tuple[int, int]:
-        """(content, framing) tokens paid whatever else is kept: system prompt and query."""
+        """(content, framing) tokens paid whatever else is kept: system prompt, query,
+        tool definitions and pinned exchanges."""
         framing = self.framing.reply_priming + self.message_framing("user")
-        content = self.query
+        content = self.query + self.tools
         if layout.system:
             framing += self.message_framing("system")
             content += self.system
+        for group in layout.pinned:
+            content += sum(self.content[i] for i in group)
+            framing += sum(self.msg_framing[i] for i in group)
         return content, framing
+
+    def context_overhead(self, layout: Layout) -> int:
+        """Paid once when a chunk is kept: the header, and the query's label (string query)."""
+        if layout.query_parts is None:
+            return self.header + self.query_unit - self.query
+        return self.header
 
     def wants(self, layout: Layout, budget_tokens: int) -> Wants:
         content, framing = self.fixed(layout)
         history = tuple(
-            sum(self.content[i] + self.turn_framing(layout, i) for i in group)
-            for group in layout.groups
+            sum(self.content[i] + self.msg_framing[i] for i in group) for group in layout.groups
         )
         chunks = tuple(
             None if why is not None else cost
@@ -104,5 +135,5 @@ class Costs:
             fixed=content + framing,
             history=history,
             chunks=chunks,
-            context_overhead=self.header + self.query_unit - self.query,
+            context_overhead=self.context_overhead(layout),
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -33,8 +35,23 @@ def decode_request(raw: bytes | str, limits: Limits = Limits()) -> AssemblyReque
         req = AssemblyRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise InvalidRequest(_summarise(exc)) from None
+    _check_roles(req)
     check_limits(req, limits)
     return req
+
+
+_ROLES = frozenset({"user", "assistant", "tool", "system", "developer"})
+
+
+def _check_roles(req: AssemblyRequest) -> None:
+    """A native message's shape is checked against its provider when the request is
+    prepared; a role no provider has is refused here, like a plain turn's."""
+    for i, turn in enumerate(req.history):
+        if isinstance(turn, dict) and turn.get("role") not in _ROLES:
+            raise InvalidRequest(
+                f"invalid request: history.{i}.role: Input should be one of "
+                f"{', '.join(sorted(_ROLES))}"
+            )
 
 
 def check_limits(req: AssemblyRequest, limits: Limits) -> None:
@@ -56,10 +73,33 @@ def check_limits(req: AssemblyRequest, limits: Limits) -> None:
 
 
 def _items(req: AssemblyRequest) -> list[tuple[str, str]]:
-    items = [("system", req.system), ("query", req.query)]
-    items += [(f"history[{i}]", t.content) for i, t in enumerate(req.history)]
+    """Every text a producer sends; image and document bytes have their own limits
+    (config `image_limits`, `document_rules`), so only text fields are measured here."""
+    items = [(f"system{p}", t) for p, t in _texts(req.system)]
+    items += [(f"query{p}", t) for p, t in _texts(req.query)]
+    for i, turn in enumerate(req.history):
+        content = turn.get("content") if isinstance(turn, dict) else turn.content
+        items += [(f"history[{i}]{p}", t) for p, t in _texts(content)]
     items += [(f"chunk {c.id!r}", c.text) for c in req.chunks]
     return items
+
+
+_TEXT_KEYS = ("text", "thinking", "arguments")
+
+
+def _texts(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(path, text) of a string, or of the text fields of nested parts / blocks."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, list):
+        for k, item in enumerate(value):
+            yield from _texts(item, f"{path}[{k}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key in _TEXT_KEYS and isinstance(item, str):
+                yield f"{path}.{key}", item
+            elif key == "content" or key == "function":
+                yield from _texts(item, f"{path}.{key}")
 
 
 def _summarise(exc: ValidationError) -> str:

@@ -66,12 +66,14 @@ async def _fit_exact(p: Prepared, api: AnthropicCounter) -> FitResult:
     plan = allocate(wants, policy)
     slack = 0
     for round_ in range(CONFIRM_ROUNDS):
-        messages = p.layout.render(plan)
+        payload = p.layout.render(plan)
         with stage("confirm", round=round_):
             confirmed = await api.count_payload(
                 model,
-                p.layout.system or None,
-                [m.model_dump(include={"role", "content"}) for m in messages],
+                payload.system,
+                payload.messages,
+                tools=payload.tools,
+                tool_choice=payload.tool_choice,
             )
         if confirmed <= p.budget.budget_tokens:
             use = CacheUse(hits=0, misses=api.calls - calls_before)

@@ -23,9 +23,10 @@ class Prepared:
 
 
 def prepare(catalog: Catalog, req: AssemblyRequest) -> Prepared:
-    """Resolve the model and profile and lay the request out (raises TokenheapError)."""
+    """Resolve the model and profile and lay the request out (raises TokenheapError; a
+    native part the provider would refuse is an InvalidRequest naming its path)."""
     info = catalog.model(req.model)
     profile = catalog.profile(req.budget.profile)
     budget = budget_for(req, info, profile)
-    layout = build_layout(req, info.provider, catalog.render)
+    layout = build_layout(req, info, catalog.render)
     return Prepared(req, info, profile, budget, layout, pieces(layout), catalog.caching)

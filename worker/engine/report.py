@@ -8,15 +8,17 @@ from __future__ import annotations
 from worker.engine.budget import alert_threshold, system_share
 from worker.engine.caching import annotate
 from worker.engine.costs import Costs
+from worker.engine.layout import Payload
 from worker.engine.plan import Plan
 from worker.engine.prepared import Prepared
-from worker.engine.request import AssemblyRequest
+from worker.engine.request import AssemblyRequest, Turn
 from worker.engine.result import (
     Alert,
     CacheUse,
     DroppedItem,
     ErrorInfo,
     FitResult,
+    Message,
     TruncatedItem,
     Usage,
 )
@@ -37,26 +39,36 @@ def build_result(
     """Usage from the counted pieces; a confirmed payload count replaces their sum
     (the difference is framing the count API does not itemise)."""
     layout, req = p.layout, p.req
-    messages = layout.render(plan, units)
+    messages: list[Message | Turn]
+    if layout.legacy and layout.provider == "openai":
+        payload = Payload([])
+        messages = list(layout.plain_messages(plan, units))
+    else:
+        payload = layout.render(plan, units)
+        messages = [Message.model_construct(**m) for m in payload.messages]
     turn_ids = layout.turn_indices(plan.history_kept)
     history = sum(costs.content[i] for i in turn_ids)
     context = 0
     if plan.chunks_kept:
-        context = costs.header + sum(costs.chunk[i] for i in plan.chunks_kept)
-        context += costs.query_unit - costs.query
+        context = costs.context_overhead(layout) + sum(costs.chunk[i] for i in plan.chunks_kept)
     system = costs.system if layout.system else 0
     _, fixed_framing = costs.fixed(layout)
-    framing = fixed_framing + sum(costs.turn_framing(layout, i) for i in turn_ids)
-    total = system + history + context + costs.query + framing
+    pinned = [i for g in layout.pinned for i in g]
+    framing = fixed_framing - sum(costs.msg_framing[i] for i in pinned)
+    framing += sum(costs.msg_framing[i] for i in turn_ids)
+    total = system + history + context + costs.query + costs.tools + framing
+    inexact = list(layout.inexact)
     if confirmed is not None:
         framing += confirmed - total
         total = confirmed
+        inexact = []  # the provider's own counter counted the whole payload
     usage = Usage(
         system=system,
         history=history,
         context=context,
         query=costs.query,
         framing=framing,
+        tools=costs.tools,
         total_tokens=total,
         budget_tokens=p.budget.budget_tokens,
         output_reserve=p.budget.output_reserve,
@@ -64,6 +76,8 @@ def build_result(
         utilization=round(total / p.budget.budget_tokens, 4),
     )
     dropped = _dropped(p, plan, costs)
+    if not exact:
+        inexact.append(f"count: {method}")
     result = FitResult(
         request_id=req.request_id,
         status="ok",
@@ -71,9 +85,12 @@ def build_result(
         provider=p.info.provider,
         profile=p.profile.name,
         count_method=method,
-        exact=exact,
-        system=layout.system if p.info.provider == "anthropic" and layout.system else None,
+        exact=not inexact,
+        inexact=inexact,
+        system=payload.system,
         messages=messages,
+        tools=payload.tools,
+        tool_choice=payload.tool_choice,
         usage=usage,
         dropped=dropped,
         truncated=truncated,
@@ -92,11 +109,14 @@ def _dropped(p: Prepared, plan: Plan, costs: Costs) -> list[DroppedItem]:
     out: list[DroppedItem] = []
     for d in plan.dropped:
         if d.slot == "history":
-            for i in layout.groups[d.index]:
+            group = layout.groups[d.index]
+            unit = layout.exchange_of(group)
+            for i in group:
                 out.append(
                     DroppedItem(
                         slot="history",
                         index=i,
+                        unit=unit,
                         tokens=costs.content[i] + costs.turn_framing(layout, i),
                         reason=d.reason.value,
                     )
@@ -144,14 +164,15 @@ def request_alerts(
                 message=f"the best-ranked chunk {p.req.chunks[0].id!r} did not fit",
             )
         )
-    groups = len(p.layout.groups)
+    groups = len(p.layout.groups) + len(p.layout.pinned)
     floor = min(p.profile.min_history_turns, groups)
-    if plan.history_kept < floor:
+    kept = plan.history_kept + len(p.layout.pinned)
+    if kept < floor:
         alerts.append(
             Alert(
                 type="history_below_min",
-                message=f"{plan.history_kept} of {groups} exchanges kept, profile wants {floor}",
-                value=plan.history_kept,
+                message=f"{kept} of {groups} exchanges kept, profile wants {floor}",
+                value=kept,
                 threshold=floor,
             )
         )

@@ -22,6 +22,27 @@ class Turn(_Strict):
     """OpenAI's optional participant name; costs tokens, so it is counted."""
     tool_call_id: str | None = None
     """For role `tool`: the call this result answers (kept with its call when trimming)."""
+    pin: bool = Field(default=False, exclude=True)
+    """Extension: never drop this turn (its exchange) when fitting; never sent."""
+
+
+NativeMessage = Annotated[
+    dict[str, Any],
+    Field(
+        description="A message in a provider's native shape (OpenAI Chat Completions or "
+        "Anthropic Messages: content parts/blocks, tool_calls, tool results, images, "
+        "documents, thinking, cache_control), with the extensions `pin` (never drop) and, on "
+        "an image given by URL, `width`/`height`. Validated against the provider's rules when "
+        "the request is prepared, with the path of a refused part."
+    ),
+]
+"""Loosely typed here so a refused part is reported by the provider rules with its path,
+not as a list of every union branch pydantic tried."""
+
+Part = Annotated[
+    dict[str, Any],
+    Field(description="A content part (OpenAI) or block (Anthropic): text, image, document."),
+]
 
 
 class Chunk(_Strict):
@@ -69,10 +90,20 @@ class AssemblyRequest(_Strict):
 
     request_id: Annotated[str, Field(min_length=1, max_length=256)]
     model: Annotated[str, Field(min_length=1, max_length=128)]
-    system: str = ""
-    history: list[Turn] = Field(default_factory=list)
+    system: str | list[Part] = ""
+    """A string, or (Anthropic) a list of text blocks, `cache_control` kept."""
+    history: list[Annotated[Turn | NativeMessage, Field(union_mode="left_to_right")]] = Field(
+        default_factory=list
+    )
+    """Plain-text turns (the original contract) or provider-native messages, oldest first."""
     chunks: list[Chunk] = Field(default_factory=list)
-    query: str
+    query: str | list[Part]
+    """A string, or a list of content parts (a user's screenshot with a question)."""
+    tools: list[dict[str, Any]] | None = None
+    """Tool definitions in either provider's native shape, emitted as given (converted for
+    the other provider)."""
+    tool_choice: str | dict[str, Any] | None = None
+    """Native `tool_choice` of either provider, emitted as given (converted when needed)."""
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     tenant: str | None = None
     pipeline: str | None = None

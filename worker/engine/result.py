@@ -6,14 +6,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# A kept history turn is sent as it came: the output message is the request's Turn model,
-# so kept turns pass through without a copy.
 from worker.engine.pricing import CostEstimate
 from worker.engine.request import Turn
 
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Message(BaseModel):
+    """One message exactly as the provider's SDK takes it: `role`, `content` (a string, a
+    list of parts / blocks, or null beside `tool_calls`) and the provider's other keys
+    (`name`, `tool_calls`, `tool_call_id`, ...), passed through unchanged."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
 
 
 class Usage(_Out):
@@ -26,6 +35,8 @@ class Usage(_Out):
     query: int
     framing: int
     """Per-message chat framing, role strings and reply priming."""
+    tools: int = 0
+    """Tool definitions (and tool_choice where a rule states it)."""
     total_tokens: int
     budget_tokens: int
     """max_context_tokens - output_reserve (or the model's input cap, when lower)."""
@@ -45,7 +56,11 @@ class DroppedItem(_Out):
     id: str | None = None
     """Chunk id (context slot)."""
     index: int | None = None
-    """Position in the request's `history` (history slot) or `chunks` list."""
+    """Position in the request's `history` (history slot) or `chunks` list; for a history
+    converted to the other provider's shape, the position in the converted history."""
+    unit: int | None = None
+    """History slot: the exchange (kept or dropped whole) this message belongs to; every
+    message of a dropped unit is listed with the same `unit`."""
     tokens: int
     reason: str
 
@@ -132,9 +147,17 @@ class FitResult(_Out):
     count_method: str | None = None
     """e.g. `tiktoken:o200k_base`, `anthropic:count_tokens`, `estimate:utf8_bytes/3`."""
     exact: bool = False
-    system: str | None = None
-    """Anthropic only: the top-level `system` parameter."""
-    messages: list[Turn] = Field(default_factory=list)
+    """True only when every part was counted by a documented rule or the provider's counter."""
+    inexact: list[str] = Field(default_factory=list)
+    """When not exact: why, one reason per kind of part (`tool_calls: undocumented framing`)."""
+    system: str | list[dict[str, Any]] | None = None
+    """Anthropic only: the top-level `system` parameter (a string or text blocks)."""
+    messages: list[Message | Turn] = Field(default_factory=list)
+    """Plain-text OpenAI requests pass their own turns through (a `Turn` is a `Message`
+    with the plain fields); every other message is the SDK's shape as a `Message`."""
+    tools: list[dict[str, Any]] | None = None
+    """The request's tool definitions, in the target provider's shape."""
+    tool_choice: str | dict[str, Any] | None = None
     usage: Usage | None = None
     dropped: list[DroppedItem] = Field(default_factory=list)
     truncated: list[TruncatedItem] = Field(default_factory=list)

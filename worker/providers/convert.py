@@ -233,3 +233,63 @@ def _from_assistant(msg: an.Message, here: str, drop_thinking: bool) -> list[oa.
     if content is None:
         return []
     return [oa.AssistantMessage(role="assistant", content=content, pin=msg.pin)]
+
+
+_CHOICE_TO_ANTHROPIC = {"auto": "auto", "required": "any", "none": "none"}
+_CHOICE_TO_OPENAI = {"auto": "auto", "any": "required", "none": "none"}
+
+
+def tools_to_anthropic(
+    tools: list[Any] | None, choice: str | dict[str, Any] | None
+) -> tuple[list[Any] | None, dict[str, Any] | None]:
+    """Chat Completions `tools` / `tool_choice` as Messages takes them (`strict` dropped:
+    Claude has no such flag). Shapes that do not match are passed on for the parser to name."""
+    out_tools: list[Any] | None = None
+    if tools is not None:
+        out_tools = []
+        for tool in tools:
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(fn, dict) or tool.get("type") != "function":
+                out_tools.append(tool)
+                continue
+            params = fn.get("parameters") or {"type": "object", "properties": {}}
+            item: dict[str, Any] = {"name": fn.get("name"), "input_schema": params}
+            if fn.get("description") is not None:
+                item["description"] = fn["description"]
+            out_tools.append(item)
+    out_choice: dict[str, Any] | None = None
+    if isinstance(choice, str):
+        out_choice = {"type": _CHOICE_TO_ANTHROPIC.get(choice, choice)}
+    elif isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        out_choice = {"type": "tool", "name": name}
+    return out_tools, out_choice
+
+
+def tools_to_openai(
+    tools: list[Any] | None, choice: str | dict[str, Any] | None
+) -> tuple[list[Any] | None, str | dict[str, Any] | None]:
+    """Messages `tools` / `tool_choice` as Chat Completions takes them (`cache_control` and
+    `disable_parallel_tool_use` dropped: OpenAI caches prefixes itself, and has its own flag)."""
+    out_tools: list[Any] | None = None
+    if tools is not None:
+        out_tools = []
+        for tool in tools:
+            if not isinstance(tool, dict) or "input_schema" not in tool:
+                out_tools.append(tool)
+                continue
+            fn: dict[str, Any] = {"name": tool.get("name"), "parameters": tool["input_schema"]}
+            if tool.get("description") is not None:
+                fn["description"] = tool["description"]
+            out_tools.append({"type": "function", "function": fn})
+    out_choice: str | dict[str, Any] | None = None
+    if isinstance(choice, dict):
+        kind = choice.get("type")
+        if kind == "tool":
+            out_choice = {"type": "function", "function": {"name": choice.get("name")}}
+        else:
+            out_choice = _CHOICE_TO_OPENAI.get(str(kind), str(kind))
+    elif choice is not None:
+        out_choice = choice
+    return out_tools, out_choice

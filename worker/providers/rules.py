@@ -128,6 +128,13 @@ class ToolRules(_Frozen):
     tool_message: ToolMessageRule
 
 
+class DocumentRule(_Frozen):
+    source: str
+    tokens_per_page: Positive
+    unknown_pages: Positive
+    max_decoded_bytes: Positive
+
+
 class PayloadRules(_Frozen):
     """Every constant the providers package uses, validated at load time."""
 
@@ -135,6 +142,7 @@ class PayloadRules(_Frozen):
     image_families: dict[Provider, FamilyTable]
     image_limits: dict[Provider, ImageLimits]
     tool_rules: ToolRules
+    document_rules: DocumentRule
     image_url_policy: Literal["worst_case", "error"] = "worst_case"
     """How an image given by URL without a declared width/height is costed."""
 

@@ -48,14 +48,18 @@ def count_tool_definitions(
     model: str,
     encoding: EncodingLike,
     rules: PayloadRules | None = None,
+    *,
+    encoding_name: str | None = None,
 ) -> tuple[int, list[str]]:
     """(tokens, inexact reasons) of a Chat Completions `tools` list; 0 for no tools.
+
+    `encoding_name` picks the nearest family when `encoding` is a plain counting function.
 
     The cookbook adds these tokens to its message count; the caller adds them to its framing.
     """
     if not tools:
         return 0, []
-    name = encoding.name if isinstance(encoding, tiktoken.Encoding) else None
+    name = encoding.name if isinstance(encoding, tiktoken.Encoding) else encoding_name
     family, reasons = tool_family(model, name, rules)
     count = as_counter(encoding)
     seen: set[str] = set(reasons)

@@ -74,7 +74,7 @@ ATTR_STATUS: Final = "tokenheap.status"
 
 # -- tokenheap: tokens --------------------------------------------------------------------
 
-SLOTS: Final = ("system", "history", "context", "query", "framing")
+SLOTS: Final = ("system", "history", "context", "query", "framing", "tools")
 """Usage slots, in the order they appear in `Usage`; `framing` is chat overhead."""
 
 
