@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from tests.integration import worker_kit as kit
 from worker.settings import Settings
 from worker.stream.dlq import list_dead_letters, replay_dead_letters, replay_group
-from worker.stream.publish import Source, dead_letter_message
+from worker.stream.outgoing import Source, dead_letter_message
 
 pytestmark = pytest.mark.kafka
 MakeTopics = Callable[..., Awaitable[list[str]]]

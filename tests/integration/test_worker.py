@@ -23,12 +23,8 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from worker.build import build_engine
 from worker.stream.dlq import list_dead_letters, replay_dead_letters
 from worker.stream.kafka import ensure_topics, partitions_of
-from worker.stream.publish import (
-    MAX_VALUE_BYTES,
-    Source,
-    dead_letter_message,
-    transactional_id,
-)
+from worker.stream.outgoing import MAX_VALUE_BYTES, Source, dead_letter_message
+from worker.stream.publish import transactional_id
 
 
 def _load(path: Path) -> ModuleType:

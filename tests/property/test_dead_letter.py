@@ -16,7 +16,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from worker.stream.dlq import NotReplayable, check_referenced, inline_original, parse_letter
-from worker.stream.publish import Source, dead_letter_message, record_digest
+from worker.stream.outgoing import Source, dead_letter_message, record_digest
 
 SCHEMA = json.loads(
     (Path(__file__).parents[2] / "schemas" / "dead-letter.json").read_text(encoding="utf-8")

@@ -24,7 +24,8 @@ from aiokafka.errors import KafkaError
 from worker.errors import ConfigError
 from worker.settings import Settings
 from worker.stream.kafka import check_connection, client_kwargs, partitions_of
-from worker.stream.publish import REQUEST_ID_HEADER, producer_kwargs
+from worker.stream.outgoing import REQUEST_ID_HEADER
+from worker.stream.publish import producer_kwargs
 
 POLL_MS = 200
 

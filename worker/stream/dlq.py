@@ -30,7 +30,8 @@ from worker.errors import ConfigError, TokenheapError
 from worker.settings import Settings
 from worker.stream.kafka import BrokerUnreachable, check_connection, client_kwargs, partitions_of
 from worker.stream.messages import DeadLetter
-from worker.stream.publish import producer_kwargs, record_digest
+from worker.stream.outgoing import record_digest
+from worker.stream.publish import producer_kwargs
 
 POLL_MS = 500
 READ_TIMEOUT_S = 60.0

@@ -25,7 +25,8 @@ from worker.engine.decode import Limits, decode_request
 from worker.engine.request import AssemblyRequest
 from worker.errors import InvalidRequest
 from worker.stream.ledger import OffsetLedger
-from worker.stream.publish import Done, Outgoing, Source
+from worker.stream.outgoing import Outgoing, Source
+from worker.stream.publish import Done
 from worker.telemetry.instruments import KafkaSnapshot
 
 log = logging.getLogger(__name__)

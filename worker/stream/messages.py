@@ -24,7 +24,7 @@ class OriginalReference(_Out):
     """A record too large to copy into its letter (base64 grows it by a third): where it is
     (`source_topic`/`source_partition`/`source_offset` of the letter) and how to recognise it
     there. `record_sha256` covers the key, the value and the headers (see
-    `worker.stream.publish.record_digest`), so a replay that re-reads the position can tell
+    `worker.stream.outgoing.record_digest`), so a replay that re-reads the position can tell
     the same record from whatever a recreated topic put at that offset."""
 
     record_sha256: str

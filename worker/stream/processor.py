@@ -22,7 +22,7 @@ from worker.engine.request import AssemblyRequest
 from worker.engine.result import FitResult
 from worker.errors import BadRequest, TokenheapError
 from worker.stream.flow import Publish, decode_record, source_of
-from worker.stream.publish import (
+from worker.stream.outgoing import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Outgoing,
     alert_message,
