@@ -90,6 +90,26 @@ class Settings(BaseSettings):
         "fail",
         description="When the count API cannot answer: a retriable error, or an estimate",
     )
+    claude_counting: Literal["api", "local", "audit"] = Field(
+        "api",
+        description="Claude counts: api = one count_tokens call per payload (exact); "
+        "local = no call (estimate); audit = local, a sample confirmed",
+    )
+    anthropic_count_rpm: float = Field(
+        100.0,
+        gt=0,
+        description="count_tokens calls per minute this worker allows itself "
+        "(your organisation's limit: 100 on the lowest older tier)",
+    )
+    anthropic_count_burst: int = Field(
+        10, ge=1, description="count_tokens calls allowed at once before the RPM spacing"
+    )
+    claude_audit_fraction: float = Field(
+        0.05, ge=0, le=1, description="audit mode: share of payloads confirmed by the API"
+    )
+    claude_drift_threshold: float = Field(
+        0.02, gt=0, description="audit mode: alert when the p95 |local - API| / API passes this"
+    )
 
     # Telemetry (OpenTelemetry itself is configured by the standard OTEL_* variables)
     sustained_window_requests: int = Field(

@@ -1,108 +1,355 @@
-"""Fitting with a provider's count API (Claude: `messages.count_tokens`), payload confirmed.
+"""Fitting Claude requests: a local estimate, the engine's allocator, one count_tokens call.
 
-Claude's tokenizer is not public, so the pieces are counted by the API (each distinct
-piece once, through the shared cache), the allocation packs on those counts, and the
-rendered payload is counted once more: that confirmed count is `usage.total_tokens`, and a
-payload over budget is trimmed by the excess and confirmed again.
+Claude's tokenizer is not public. Counting every distinct piece with the API (the old
+design) cost about one call per piece and made each request wait for its slowest call,
+against a per-organisation requests-per-minute limit. Here:
+
+1. every piece is counted locally with the o200k BPE (the engine's `LocalCounter`, off the
+   event loop, through the shared count cache);
+2. costs are those counts scaled by the tokenizer family's learned ratio (with the margin
+   its spread calls for) plus the family's framing guesses (`config/models.yaml`
+   `claude_tokenizers`), and the engine's own allocator packs them;
+3. the rendered payload is counted **once** by the API (`PayloadConfirmer`: digest-cached,
+   rate-limited, retried); that count is `usage.total_tokens` (`exact: true`). Over budget
+   (rare): trimmed by the measured excess and confirmed again; far under while something
+   was dropped: what fits is taken back, bounded (`claude_fit.fit_confirmed`).
+
+Per-slot usage is the confirmed total apportioned over the slots by the local estimate
+(`usage.slots_apportioned`); the API does not itemise.
+
+`TOKENHEAP_CLAUDE_COUNTING=local` makes no call (the estimate is the count, `exact:
+false`); `audit` is `local` with a sampled fraction confirmed, the drift recorded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from worker.catalog import ChatFraming
+from worker.count.claude_estimate import (
+    ClaudeEstimate,
+    ClaudeTokenizers,
+    Family,
+    RatioLearner,
+    conversation_key,
+)
+from worker.count.claude_fit import FitNotConfirmed, apportion, fit_confirmed
+from worker.count.claude_modes import AuditSampler, ClaudeCounting, DriftTracker, local_count
+from worker.count.local import LocalCounter
 from worker.engine.allocate import allocate
 from worker.engine.budget import policy_for
 from worker.engine.costs import Costs
+from worker.engine.plan import Drop, Plan, Policy
 from worker.engine.prepared import Prepared
 from worker.engine.report import build_result, error_result
-from worker.engine.result import Alert, CacheUse, FitResult
+from worker.engine.result import Alert, CacheUse, CountAudit, FitResult
 from worker.engine.stage import stage
-from worker.errors import CountingUnavailable, TokenheapError
+from worker.errors import CountingUnavailable, OverBudget, TokenheapError
 
 if TYPE_CHECKING:  # the SDK takes over a second to import: only Claude requests pay for it
-    from worker.count.anthropic_api import AnthropicCounter
+    from worker.count.claude_confirm import PayloadConfirmer
 
 OnUnavailable = Literal["fail", "estimate"]
-# Claude's per-message framing is not published; this guess only steers packing, the
-# final payload is confirmed by one count call and trimmed further if it is over.
-CLAUDE_FRAMING = ChatFraming(per_message=4, per_name=0, reply_priming=0)
-ESTIMATE_BYTES_PER_TOKEN = 3.0
-"""Claude averages well over 3 UTF-8 bytes a token on prose; 3 leaves a safety margin."""
-CONFIRM_ROUNDS = 4
+LOCAL_ENCODING = "o200k_base"
+"""The local tokenizer the estimate is made with (shipped, exact, already loaded)."""
+API_METHOD = "anthropic:count_tokens"
+UNIT = 16
+"""The allocator works in 1/UNIT tokens (see `_Fit.costs`)."""
 
 
-async def fit(
-    p: Prepared, api: AnthropicCounter | None, on_unavailable: OnUnavailable
-) -> FitResult:
-    """Fit a Claude request; when the API cannot answer, an error or an estimate."""
+@dataclass(slots=True)
+class ClaudeCounter:
+    """What all of an engine's Claude requests share: the confirmer (one HTTP client, one
+    rate limiter, one digest cache), the learned ratios, the audit sampler and drift.
+
+    ``confirmer_factory`` builds the confirmer on first use (the SDK loads only then);
+    None: no API configured.
+    """
+
+    tokenizers: ClaudeTokenizers
+    confirmer_factory: Callable[[], PayloadConfirmer] | None = None
+    mode: ClaudeCounting = "api"
+    on_unavailable: OnUnavailable = "fail"
+    audit_fraction: float = 0.05
+    drift_threshold: float = 0.02
+    learner: RatioLearner = field(init=False)
+    drift: DriftTracker = field(init=False)
+    sampler: AuditSampler = field(init=False)
+    _confirmer: PayloadConfirmer | None = None
+
+    def __post_init__(self) -> None:
+        self.learner = RatioLearner(self.tokenizers.families)
+        self.drift = DriftTracker(threshold=self.drift_threshold)
+        self.sampler = AuditSampler(self.audit_fraction)
+
+    @property
+    def confirmer(self) -> PayloadConfirmer | None:
+        if self._confirmer is None and self.confirmer_factory is not None:
+            self._confirmer = self.confirmer_factory()
+        return self._confirmer
+
+    @property
+    def started(self) -> PayloadConfirmer | None:
+        """The confirmer if one was made (metrics read it without making one)."""
+        return self._confirmer
+
+    async def aclose(self) -> None:
+        if self._confirmer is not None:
+            await self._confirmer.aclose()
+            self._confirmer = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    """A payload to confirm; equal when the bodies are (the loop detects repeats)."""
+
+    body: dict[str, object]
+    estimate: ClaudeEstimate = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Fit:
+    """Everything one request's fit needs, computed once from its local counts."""
+
+    p: Prepared
+    family: str
+    framing: Family
+    counts: list[int]
+    """Local (o200k) count per piece, names and tool_call_ids zeroed (not sent to Claude)."""
+    policy: Policy
+    use: CacheUse
+
+    def costs(self, ratio: float, unit: int = 1) -> Costs:
+        """Costs in 1/``unit`` API tokens under ``ratio``, each piece rounded up, so the
+        allocator's total is never under ``ClaudeEstimate.scaled`` of the payload it picks.
+        A fine unit keeps that rounding from eating the budget (up to one token a piece)."""
+        f = self.framing.framing
+        chat = ChatFraming(
+            per_message=f.per_message * unit, per_name=0, reply_priming=f.per_request * unit
+        )
+        # Costs prices a message as per_message + role tokens: Claude's roles are not text,
+        # and its system prompt costs per_system instead of per_message.
+        role = {"user": 0, "assistant": 0, "system": (f.per_system - f.per_message) * unit}
+        scaled = [math.ceil(c * ratio * unit) for c in self.counts]
+        return Costs.of(self.p.layout, scaled, chat, role)
+
+    def allocate(self, target: int, ratio: float) -> tuple[Plan, float]:
+        """The engine's allocator on the scaled costs (the plan's numbers in 1/UNIT tokens;
+        only its choices are used), and the ratio it ran on."""
+        costs = self.costs(ratio, UNIT)
+        wants = costs.wants(self.p.layout, target * UNIT)
+        if wants.fixed > wants.budget:
+            # The estimate says even system + query do not fit; let the API decide on the
+            # smallest payload rather than refuse on a guess.
+            wants = replace(wants, budget=wants.fixed)
+        return allocate(wants, self.policy), ratio
+
+    def parts(self, plan: Plan) -> dict[str, ClaudeEstimate]:
+        """The local estimate of the plan's payload, per usage slot (unscaled text)."""
+        f, c, layout = self.framing.framing, self.counts, self.p.layout
+        n = len(layout.turns)
+        system = c[0] if layout.system else 0
+        turns = layout.turn_indices(plan.history_kept)
+        history = sum(c[4 + i] for i in turns)
+        context = 0
+        if plan.chunks_kept:
+            chunks = sum(c[4 + 3 * n + i] for i in plan.chunks_kept)
+            context = max(0, c[1] + chunks + c[3] - c[2])
+        fixed = f.per_request + f.per_message * (len(turns) + 1)
+        if layout.system:
+            fixed += f.per_system
+        return {
+            "system": ClaudeEstimate(system, 0),
+            "history": ClaudeEstimate(history, 0),
+            "context": ClaudeEstimate(context, 0),
+            "query": ClaudeEstimate(c[2], 0),
+            "framing": ClaudeEstimate(0, fixed),
+        }
+
+    def render(self, planned: tuple[Plan, float]) -> _Rendered:
+        plan = planned[0]
+        layout = self.p.layout
+        body: dict[str, object] = {"model": self.p.req.model}
+        if layout.system:
+            body["system"] = layout.system
+        body["messages"] = [{"role": m.role, "content": m.content} for m in layout.render(plan)]
+        parts = self.parts(plan)
+        total = ClaudeEstimate(
+            sum(e.text for e in parts.values()), sum(e.fixed for e in parts.values())
+        )
+        return _Rendered(body, total)
+
+    def key(self) -> bytes:
+        layout = self.p.layout
+        first = layout.contents[0] if layout.contents else layout.query
+        return conversation_key(self.p.req.model, layout.system or None, first)
+
+    def result(
+        self, planned: tuple[Plan, float], total: int, method: str, exact: bool
+    ) -> FitResult:
+        """The result with ``total`` as the payload's count, apportioned over the slots by
+        the estimate; dropped items priced in whole tokens at the plan's ratio."""
+        plan, ratio = planned
+        costs = self.costs(ratio)
+        plan = replace(plan, dropped=tuple(_retoken(d, costs, self.p) for d in plan.dropped))
+        result = build_result(self.p, plan, costs, method, exact, {}, [], self.use, total)
+        usage = result.usage
+        if usage is not None:
+            slots = apportion(self.parts(plan), total, ratio)
+            result.usage = usage.model_copy(update={**slots, "slots_apportioned": True})
+        return result
+
+
+async def fit(p: Prepared, claude: ClaudeCounter, local: LocalCounter) -> FitResult:
+    """Fit a Claude request as ``claude.mode`` says; when the API cannot answer, an error
+    or an estimate (``claude.on_unavailable``)."""
     try:
-        if api is None:
+        f = await _prepare(p, claude, local)
+    except TokenheapError as exc:
+        return error_result(p.req.request_id, p.req.model, exc, p.req)
+    try:
+        if claude.mode == "local":
+            return _fit_local(f, claude)
+        if claude.mode == "audit":
+            return await _fit_audited(f, claude)
+        confirmer = claude.confirmer
+        if confirmer is None:
             raise CountingUnavailable(
                 "no Anthropic client configured: set ANTHROPIC_API_KEY (or "
-                "TOKENHEAP_ANTHROPIC_BASE_URL) or use on_unavailable=estimate"
+                "TOKENHEAP_ANTHROPIC_BASE_URL), TOKENHEAP_CLAUDE_COUNTING=local, or "
+                "on_unavailable=estimate"
             )
-        return await _fit_exact(p, api)
+        return await _fit_confirmed(f, claude, confirmer)
     except CountingUnavailable as exc:
-        if on_unavailable == "fail":
+        if claude.on_unavailable == "fail":
             return error_result(p.req.request_id, p.req.model, exc, p.req)
-        return _fit_estimated(p)
+        try:
+            result = _fit_local(f, claude, prefix="estimate:")
+        except TokenheapError as inner:
+            return error_result(p.req.request_id, p.req.model, inner, p.req)
+        result.alerts.append(
+            Alert(
+                type="estimated_count",
+                severity="warning",
+                message="the count API did not answer; counts are a local estimate with a margin",
+            )
+        )
+        return result
     except TokenheapError as exc:
         return error_result(p.req.request_id, p.req.model, exc, p.req)
 
 
-async def _fit_exact(p: Prepared, api: AnthropicCounter) -> FitResult:
-    model = p.req.model
-    nonempty = [t for t in p.texts if t]
-    calls_before = api.calls
-    with stage("count", texts=len(nonempty)):
-        got = dict(zip(nonempty, await api.count_texts(model, nonempty), strict=True))
-    counts = [got.get(t, 0) if t else 0 for t in p.texts]
-    costs = Costs.of(p.layout, counts, CLAUDE_FRAMING, {})
-    wants = costs.wants(p.layout, p.budget.budget_tokens)
-    policy = policy_for(p.req, p.profile, p.budget)
-    plan = allocate(wants, policy)
-    slack = 0
-    for round_ in range(CONFIRM_ROUNDS):
-        messages = p.layout.render(plan)
-        with stage("confirm", round=round_):
-            confirmed = await api.count_payload(
-                model,
-                p.layout.system or None,
-                [m.model_dump(include={"role", "content"}) for m in messages],
-            )
-        if confirmed <= p.budget.budget_tokens:
-            use = CacheUse(hits=0, misses=api.calls - calls_before)
-            return build_result(
-                p, plan, costs, "anthropic:count_tokens", True, {}, [], use, confirmed
-            )
-        slack += confirmed - p.budget.budget_tokens
-        plan = allocate(replace(wants, budget=p.budget.budget_tokens - slack), policy)
-    raise CountingUnavailable(
-        f"{p.req.request_id}: the confirmed payload stayed over budget after "
-        f"{CONFIRM_ROUNDS} rounds of trimming"
+async def _prepare(p: Prepared, claude: ClaudeCounter, local: LocalCounter) -> _Fit:
+    family = claude.tokenizers.family(p.info.tokenizer_family)
+    with stage("count", texts=len(p.texts), counter=local.method):
+        pending = local.submit(p.texts)
+        for fut in pending.futures:
+            await asyncio.wrap_future(fut)
+        counts, hits, misses = pending.result()
+    n = len(p.layout.turns)
+    counts[4 + n : 4 + 3 * n] = [0] * (2 * n)  # names / tool_call_ids: not sent to Claude
+    # Truncating a chunk needs the true tokenizer to cut at a boundary; Claude's is not
+    # local, so a chunk that does not fit is left out whole.
+    policy = replace(policy_for(p.req, p.profile, p.budget), truncate=False)
+    return _Fit(
+        p,
+        family,
+        claude.tokenizers.families[family],
+        counts,
+        policy,
+        CacheUse(hits=hits, misses=misses),
     )
 
 
-def _fit_estimated(p: Prepared) -> FitResult:
-    counts = [math.ceil(len(t.encode("utf-8")) / ESTIMATE_BYTES_PER_TOKEN) for t in p.texts]
-    costs = Costs.of(p.layout, counts, CLAUDE_FRAMING, {})
+async def _fit_confirmed(f: _Fit, claude: ClaudeCounter, confirmer: PayloadConfirmer) -> FitResult:
+    budget = f.p.budget.budget_tokens
+
+    async def count(payload: _Rendered) -> int:
+        with stage("confirm"):
+            return await confirmer.count(payload.body)
+
     try:
-        plan = allocate(
-            costs.wants(p.layout, p.budget.budget_tokens),
-            policy_for(p.req, p.profile, p.budget),
+        got = await fit_confirmed(
+            allocate=f.allocate,
+            render=f.render,
+            estimate=lambda r: r.estimate,
+            count=count,
+            dropped_any=lambda planned: bool(planned[0].dropped),
+            budget=budget,
+            learner=claude.learner,
+            family=f.family,
+            key=f.key(),
         )
-    except TokenheapError as exc:
-        return error_result(p.req.request_id, p.req.model, exc, p.req)
-    method = f"estimate:utf8_bytes/{ESTIMATE_BYTES_PER_TOKEN:g}"
-    result = build_result(p, plan, costs, method, False, {}, [], CacheUse())
-    result.alerts.append(
-        Alert(
-            type="estimated_count",
-            severity="warning",
-            message="the count API did not answer; counts are estimates with a margin",
-        )
+    except FitNotConfirmed as exc:
+        raise OverBudget(
+            f"{f.p.req.request_id}: the count API's count of the smallest payload stays over "
+            f"the {budget}-token input budget ({exc}): shorten the system prompt or query, "
+            "lower output_reserve or pick a larger model"
+        ) from None
+    # Slots are apportioned at this payload's own ratio: the best split the estimate knows.
+    return f.result((got.plan[0], got.ratio), got.tokens, API_METHOD, True)
+
+
+def _local_plan(f: _Fit, claude: ClaudeCounter) -> tuple[tuple[Plan, float], _Rendered]:
+    ratio = claude.learner.safe_ratio(f.family)
+    costs = f.costs(ratio, UNIT)
+    wants = costs.wants(f.p.layout, f.p.budget.budget_tokens * UNIT)
+    planned = (allocate(wants, f.policy), ratio)  # OverBudget when system + query do not fit
+    return planned, f.render(planned)
+
+
+def _fit_local(f: _Fit, claude: ClaudeCounter, prefix: str = "") -> FitResult:
+    planned, rendered = _local_plan(f, claude)
+    got = local_count(rendered.estimate, claude.learner, f.family, LOCAL_ENCODING)
+    return f.result(planned, got.tokens, prefix + got.count_method, False)
+
+
+async def _fit_audited(f: _Fit, claude: ClaudeCounter) -> FitResult:
+    """Local counts; a sampled fraction confirmed, its drift recorded (never fatal)."""
+    from worker.count.claude_confirm import payload_digest
+
+    planned, rendered = _local_plan(f, claude)
+    got = local_count(rendered.estimate, claude.learner, f.family, LOCAL_ENCODING)
+    result = f.result(planned, got.tokens, got.count_method, False)
+    confirmer = claude.confirmer
+    if confirmer is None or not claude.sampler.sampled(payload_digest(rendered.body)):
+        return result
+    model = f.p.req.model
+    try:
+        with stage("confirm", audit=True):
+            confirmed = await confirmer.count(rendered.body)
+    except TokenheapError:
+        return result  # an audit that cannot be made does not fail the request
+    claude.learner.observe(f.family, rendered.estimate, confirmed, f.key())
+    drift = claude.drift.record(model, got.tokens, confirmed)
+    result.count_audit = CountAudit(
+        local_tokens=got.tokens, confirmed_tokens=confirmed, drift=round(drift, 6)
     )
+    state = claude.drift.drift(model)
+    if state.alerting:
+        result.alerts.append(
+            Alert(
+                type="count_drift",
+                message=f"local Claude counts of {model} drift from the API's: 95th "
+                f"percentile |error| {state.p95_abs:.1%} over {state.samples} audited payloads",
+                value=round(state.p95_abs, 6),
+                threshold=claude.drift_threshold,
+            )
+        )
     return result
+
+
+def _retoken(d: Drop, costs: Costs, p: Prepared) -> Drop:
+    """A dropped item's tokens in whole tokens (the plan's are in 1/UNIT)."""
+    if d.slot == "history":
+        layout = p.layout
+        tokens = sum(
+            costs.content[i] + costs.turn_framing(layout, i) for i in layout.groups[d.index]
+        )
+    else:
+        tokens = costs.chunk[d.index]
+    return replace(d, tokens=tokens)

@@ -32,6 +32,9 @@ class Usage(_Out):
     max_context_tokens: int
     utilization: float
     """total_tokens / budget_tokens."""
+    slots_apportioned: bool = False
+    """True when only `total_tokens` was counted as a whole (Claude: the count API counts
+    whole payloads) and the slot values split it in proportion to a local estimate."""
 
 
 class DroppedItem(_Out):
@@ -71,6 +74,15 @@ class CacheUse(_Out):
     misses: int = 0
 
 
+class CountAudit(_Out):
+    """An audited local count (`TOKENHEAP_CLAUDE_COUNTING=audit`): the API's count beside it."""
+
+    local_tokens: int
+    confirmed_tokens: int
+    drift: float
+    """(local - confirmed) / confirmed."""
+
+
 class FitResult(_Out):
     """What tokenheap publishes for one request: the payload to send and its manifest."""
 
@@ -94,3 +106,5 @@ class FitResult(_Out):
     pipeline: str | None = None
     conversation_id: str | None = None
     cache: CacheUse = Field(default_factory=CacheUse)
+    count_audit: CountAudit | None = None
+    """Set when this payload's local count was checked against the count API (audit mode)."""

@@ -147,6 +147,25 @@ METRIC_DEAD_LETTERS: Final = "tokenheap.dead_letters"
 METRIC_CACHE_LOOKUPS: Final = "tokenheap.count.cache.lookups"
 METRIC_ANTHROPIC_CALLS: Final = "tokenheap.anthropic.count.calls"
 METRIC_ANTHROPIC_FAILURES: Final = "tokenheap.anthropic.count.failures"
+METRIC_ANTHROPIC_THROTTLED: Final = "tokenheap.anthropic.count.throttled"
+METRIC_ANTHROPIC_LIMITER_WAIT: Final = "tokenheap.anthropic.count.limiter_wait"
+METRIC_CLAUDE_COUNT_DRIFT: Final = "tokenheap.claude.count.drift"
+DRIFT_BUCKETS: Final = (
+    -0.2,
+    -0.1,
+    -0.05,
+    -0.02,
+    -0.01,
+    -0.005,
+    0.0,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+)
+"""Relative error (local - API) / API of audited Claude counts."""
 
 TOKEN_BUCKETS: Final = (
     1,

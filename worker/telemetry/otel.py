@@ -301,6 +301,8 @@ class OtelTelemetry:
         for outcome_name, n in (("hit", result.cache.hits), ("miss", result.cache.misses)):
             if n:
                 inst.cache_lookups.add(n, {**dims, names.ATTR_CACHE_OUTCOME: outcome_name})
+        if result.count_audit is not None:
+            inst.claude_drift.record(result.count_audit.drift, dims)
 
     def _sustained(self, req: AssemblyRequest | None, result: FitResult) -> list[Transition]:
         moves: list[Transition] = []
