@@ -11,9 +11,9 @@ import pytest
 
 from worker.catalog import Catalog
 from worker.count.anthropic_api import make_client
+from worker.count.cache import CountCache
 from worker.count.claude_confirm import PayloadConfirmer
 from worker.count.limiter import RateLimiter
-from worker.count.cache import CountCache
 from worker.engine.engine import Engine
 from worker.engine.fit_api import OnUnavailable
 from worker.engine.request import AssemblyRequest

@@ -142,7 +142,8 @@ class Instruments:
         self.claude_drift = meter.create_histogram(
             names.METRIC_CLAUDE_COUNT_DRIFT,
             unit="1",
-            description="Audited Claude payloads: (local count - API count) / API count",
+            description="Audited Claude payloads: |local count - API count| / API count, "
+            "by direction (over, under)",
             explicit_bucket_boundaries_advisory=names.DRIFT_BUCKETS,
         )
 

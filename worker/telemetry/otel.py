@@ -302,7 +302,9 @@ class OtelTelemetry:
             if n:
                 inst.cache_lookups.add(n, {**dims, names.ATTR_CACHE_OUTCOME: outcome_name})
         if result.count_audit is not None:
-            inst.claude_drift.record(result.count_audit.drift, dims)
+            drift = result.count_audit.drift
+            direction = "over" if drift > 0 else ("under" if drift < 0 else "exact")
+            inst.claude_drift.record(abs(drift), {**dims, names.ATTR_DRIFT_DIRECTION: direction})
 
     def _sustained(self, req: AssemblyRequest | None, result: FitResult) -> list[Transition]:
         moves: list[Transition] = []
