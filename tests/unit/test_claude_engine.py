@@ -438,3 +438,45 @@ def test_the_counting_mode_comes_from_the_environment(monkeypatch: pytest.Monkey
     monkeypatch.setenv("TOKENHEAP_CLAUDE_COUNTING", "sometimes")
     with pytest.raises(ValueError):
         Settings()
+
+
+@pytest.mark.parametrize("mode", ["api", "local"])
+def test_tokenheap_fit_end_to_end(
+    bytes_server: Any, anthropic_server_module: Any, mode: str
+) -> None:
+    """`tokenheap fit` on a JSONL file of Claude requests, configured by the environment."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    reqs = unrelated(15, 20)
+    stdin = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in reqs)
+    env = {
+        **os.environ,
+        "TOKENHEAP_ANTHROPIC_BASE_URL": bytes_server.base_url,
+        "TOKENHEAP_ANTHROPIC_API_KEY": "sk-test",
+        "TOKENHEAP_CLAUDE_COUNTING": mode,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "fit", "-"],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = [FitResult.model_validate(json.loads(line)) for line in proc.stdout.splitlines()]
+    assert [r.request_id for r in results] == [r.request_id for r in reqs]
+    if mode == "local":
+        assert bytes_server.calls == 0
+        assert all(r.status == "ok" and r.exact is False for r in results)
+        return
+    for r in results:
+        check_exact(r, anthropic_server_module)
+    # a cold process, requests fitted concurrently: the first ones calibrate the others
+    assert bytes_server.calls / len(reqs) <= 1.3

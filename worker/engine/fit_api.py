@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -57,6 +57,8 @@ OnUnavailable = Literal["fail", "estimate"]
 LOCAL_ENCODING = "o200k_base"
 """The local tokenizer the estimate is made with (shipped, exact, already loaded)."""
 API_METHOD = "anthropic:count_tokens"
+WARM_SAMPLES = 5
+"""Confirmed ratios a family needs before its requests allocate concurrently."""
 UNIT = 16
 """The allocator works in 1/UNIT tokens (see `_Fit.costs`)."""
 
@@ -80,6 +82,9 @@ class ClaudeCounter:
     drift: DriftTracker = field(init=False)
     sampler: AuditSampler = field(init=False)
     _confirmer: PayloadConfirmer | None = None
+    _cold: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _thawed: set[str] = field(default_factory=set)
+    _gated: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.learner = RatioLearner(self.tokenizers.families)
@@ -96,6 +101,33 @@ class ClaudeCounter:
     def started(self) -> PayloadConfirmer | None:
         """The confirmer if one was made (metrics read it without making one)."""
         return self._confirmer
+
+    def cold(self, family: str) -> bool:
+        """Too few confirmed ratios of ``family`` to allocate on (the prior is a guess)."""
+        return family not in self._thawed and self.learner.stats(family).samples < WARM_SAMPLES
+
+    async def calibrated(self, family: str, fit: Callable[[], Awaitable[FitResult]]) -> FitResult:
+        """``fit()``, one at a time while ``family`` is cold.
+
+        Requests that arrive together (a file, a burst from Kafka) would otherwise all
+        allocate on the prior ratio and most of them pay a second call; in turn, each one
+        starts from what the ones before it confirmed. A failure of the API opens the gate:
+        there is nothing to learn, and no reason to queue behind a deadline.
+        """
+        if not self.cold(family):
+            return await fit()
+        gate = self._cold.setdefault(family, asyncio.Lock())
+        async with gate:
+            if not self.cold(family):
+                return await fit()
+            self._gated[family] = gated = self._gated.get(family, 0) + 1
+            if gated >= 4 * WARM_SAMPLES:  # small payloads teach nothing: stop waiting
+                self._thawed.add(family)
+            try:
+                return await fit()
+            except CountingUnavailable:
+                self._thawed.add(family)
+                raise
 
     async def aclose(self) -> None:
         if self._confirmer is not None:
@@ -223,7 +255,7 @@ async def fit(p: Prepared, claude: ClaudeCounter, local: LocalCounter) -> FitRes
                 "TOKENHEAP_ANTHROPIC_BASE_URL), TOKENHEAP_CLAUDE_COUNTING=local, or "
                 "on_unavailable=estimate"
             )
-        return await _fit_confirmed(f, claude, confirmer)
+        return await claude.calibrated(f.family, lambda: _fit_confirmed(f, claude, confirmer))
     except CountingUnavailable as exc:
         if claude.on_unavailable == "fail":
             return error_result(p.req.request_id, p.req.model, exc, p.req)
