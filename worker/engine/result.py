@@ -92,7 +92,8 @@ class FitResult(_Out):
     provider: str | None = None
     profile: str | None = None
     count_method: str | None = None
-    """e.g. `tiktoken:o200k_base`, `anthropic:count_tokens`, `estimate:utf8_bytes/3`."""
+    """e.g. `tiktoken:o200k_base`, `anthropic:count_tokens`, `local:o200k_base@ratio=1.323`
+    (a Claude estimate), `estimate:local:…` (the count API did not answer)."""
     exact: bool = False
     system: str | None = None
     """Anthropic only: the top-level `system` parameter."""
