@@ -480,3 +480,37 @@ def test_tokenheap_fit_end_to_end(
         check_exact(r, anthropic_server_module)
     # a cold process, requests fitted concurrently: the first ones calibrate the others
     assert bytes_server.calls / len(reqs) <= 1.3
+
+
+async def test_the_engines_count_client_feeds_the_count_metrics(
+    make_engine: MakeEngine, bytes_server: Any, fault: Any, catalog: Catalog
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from worker.telemetry import names
+    from worker.telemetry.otel import OtelTelemetry
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    telemetry = OtelTelemetry(
+        tracer_provider=TracerProvider(), meter_provider=meters, catalog=catalog
+    )
+    engine = make_engine()
+    telemetry.observe_anthropic(lambda: engine.anthropic_started)  # as the worker does
+    bytes_server.script(fault.status(429, retry_after=0))
+    result = await engine.fit(unrelated(16, 1)[0])
+    assert result.status == "ok"
+    data = reader.get_metrics_data()
+    meters.shutdown()
+    assert data is not None
+    values = {
+        m.name: m.data.data_points[0].value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert values[names.METRIC_ANTHROPIC_CALLS] == bytes_server.calls
+    assert values[names.METRIC_ANTHROPIC_THROTTLED] == 1
+    assert values[names.METRIC_ANTHROPIC_LIMITER_WAIT] >= 0

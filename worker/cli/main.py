@@ -104,7 +104,7 @@ def _fit(source: str, table: bool, backend: BackendName | None, jobs: int) -> in
     if _exporting():  # otherwise nothing would receive it: skip the SDK altogether
         from worker.telemetry.otel import build_telemetry
 
-        otel = build_telemetry(catalog=engine.catalog)
+        otel = build_telemetry(catalog=engine.catalog, anthropic=lambda: engine.anthropic_started)
     telemetry: Telemetry = otel or NoopTelemetry()
     with _open(source) as stream:
         lines: list[str] | TextIO = [stream.read().replace("\n", " ")] if single else stream

@@ -49,6 +49,9 @@ async def serve(
     """Run until `stop` is set (then drain) or something fails; 0 after a clean stop."""
     engine = engine or build_engine(settings)
     telemetry = telemetry or NoopTelemetry()
+    observe = getattr(telemetry, "observe_anthropic", None)
+    if observe is not None:  # count_tokens calls, 429s, limiter waits, once a client exists
+        observe(lambda: engine.anthropic_started)
     common = client_kwargs(settings)
     if settings.create_topics:
         await ensure_topics(
