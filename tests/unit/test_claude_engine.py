@@ -286,10 +286,15 @@ async def test_transient_failures_are_retried_and_counted(
 async def test_persistent_failure_fails_retriably_or_estimates(
     make_engine: MakeEngine, bytes_server: Any, fault: Any
 ) -> None:
-    bytes_server.script(*[fault.status(503)] * 20)
-    failed = await make_engine(attempts=2).fit(unrelated(6, 1)[0])
+    bytes_server.script(*[fault.status(503)] * 40)
+    engine = make_engine(attempts=2)
+    assert engine.claude.cold("claude-v3")
+    failed, *others = await asyncio.gather(*(engine.fit(r) for r in unrelated(6, 4)))
     assert failed.status == "error" and failed.error is not None
     assert (failed.error.code, failed.error.retriable) == ("counting_unavailable", True)
+    assert all(r.status == "error" for r in others)
+    # nothing to learn from a failing API: requests no longer queue one at a time
+    assert not engine.claude.cold("claude-v3")
     bytes_server.reset()
     bytes_server.script(*[fault.status(503)] * 20)
     estimated = await make_engine(attempts=2, on_unavailable="estimate").fit(unrelated(6, 1)[0])

@@ -118,16 +118,16 @@ class ClaudeCounter:
             return await fit()
         gate = self._cold.setdefault(family, asyncio.Lock())
         async with gate:
-            if not self.cold(family):
-                return await fit()
-            self._gated[family] = gated = self._gated.get(family, 0) + 1
-            if gated >= 4 * WARM_SAMPLES:  # small payloads teach nothing: stop waiting
-                self._thawed.add(family)
-            try:
-                return await fit()
-            except CountingUnavailable:
-                self._thawed.add(family)
-                raise
+            if self.cold(family):
+                self._gated[family] = gated = self._gated.get(family, 0) + 1
+                if gated >= 4 * WARM_SAMPLES:  # small payloads teach nothing: stop waiting
+                    self._thawed.add(family)
+                try:
+                    return await fit()
+                except CountingUnavailable:
+                    self._thawed.add(family)
+                    raise
+        return await fit()  # warmed while this one waited: no need to hold the others
 
     async def aclose(self) -> None:
         if self._confirmer is not None:
