@@ -1,0 +1,84 @@
+"""Invariants of a Claude fit through the engine, against the bytes-counting server: whatever
+the request, the total is the server's count of the emitted payload and within budget."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.support.anthropic_server import AnthropicServer, bytes_expected_tokens
+from worker.catalog import Catalog
+from worker.count.anthropic_api import make_client
+from worker.count.cache import CountCache
+from worker.count.claude_confirm import PayloadConfirmer
+from worker.count.limiter import RateLimiter
+from worker.engine.engine import Engine
+from worker.engine.request import AssemblyRequest
+
+# Printable text with some multi-byte characters; never whitespace only (the API refuses it).
+TEXT = st.text(
+    st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs")), min_size=1, max_size=300
+).filter(lambda t: t.strip() != "")
+
+
+@pytest.fixture(scope="module")
+def claude(catalog: Catalog) -> Iterator[Engine]:
+    with AnthropicServer(counting="bytes") as server:
+        pool = ThreadPoolExecutor(2)
+        engine = Engine(
+            catalog=catalog,
+            cache=CountCache(8 << 20),
+            executor=pool,
+            anthropic_factory=lambda: PayloadConfirmer(
+                make_client("sk-test", server.base_url, 5.0, 0), RateLimiter(1e6, burst=8)
+            ),
+        )
+        with engine:
+            yield engine
+        pool.shutdown()
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    system=TEXT,
+    history=st.lists(TEXT, max_size=8),
+    chunks=st.lists(TEXT, max_size=20),
+    query=TEXT,
+    window=st.integers(min_value=200, max_value=3000),
+)
+def test_total_is_the_apis_count_and_within_budget(
+    claude: Engine, system: str, history: list[str], chunks: list[str], query: str, window: int
+) -> None:
+    roles = ("user", "assistant")
+    req = AssemblyRequest.model_validate(
+        {
+            "request_id": "p",
+            "model": "claude-sonnet-4-5",
+            "system": system,
+            "history": [{"role": roles[i % 2], "content": t} for i, t in enumerate(history)],
+            "chunks": [{"id": f"c{i}", "text": t} for i, t in enumerate(chunks)],
+            "query": query,
+            "budget": {"max_context_tokens": window, "output_reserve": 0},
+        }
+    )
+    result = claude.fit_sync(req)
+    if result.status == "error":
+        assert result.error is not None and result.error.code == "over_budget"
+        return
+    usage = result.usage
+    assert usage is not None and result.exact
+    body: dict[str, Any] = {"model": result.model, "system": result.system}
+    body["messages"] = [{"role": m.role, "content": m.content} for m in result.messages]
+    assert usage.total_tokens == bytes_expected_tokens(body)
+    assert usage.total_tokens <= usage.budget_tokens
+    assert usage.system + usage.history + usage.context + usage.query + usage.framing == (
+        usage.total_tokens
+    )
+    kept = {m.content for m in result.messages}
+    assert result.messages[-1].content.endswith(query) or query in result.messages[-1].content
+    assert all(t in kept for t in history[len(history) - (len(result.messages) - 1) :])
