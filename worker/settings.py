@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     )
     anthropic_base_url: str | None = Field(None, description="Anthropic API base URL")
     anthropic_timeout_s: float = Field(10.0, gt=0, description="Per-call timeout")
-    anthropic_max_retries: int = Field(3, ge=0, description="Retries of 429/5xx/timeouts")
+    anthropic_max_retries: int = Field(
+        3, ge=0, description="Retries of 5xx/timeouts (429s wait in the count rate limiter)"
+    )
     anthropic_deadline_s: float = Field(
         30.0, gt=0, description="Bound on one count call, retries and retry-after waits included"
     )
