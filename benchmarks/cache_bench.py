@@ -1,6 +1,6 @@
 """Prompt-cache cost of today's history trimming versus the cache-stable cut.
 
-    python -m benchmarks.cache_bench [--conversations 24] [--turns 40] [--block-share 0.3]
+    python -m benchmarks.cache_bench [--conversations 24] [--turns 40]
 
 Long conversations (benchmarks/workload.py "reuse": the whole history resent every turn,
 retrieved chunks in the final user message) are fitted in-process by the real engine at
@@ -13,9 +13,9 @@ gpt-5, then billed by two simulated prompt caches:
   placed by worker/providers/anthropic_cache.py, reads within the 20-block lookback, writes
   at 1.25x (5 minutes) or 2x (1 hour), entries refreshed when read.
 
-"stable" is the same engine with its history cut moved onto the grid of
-worker/engine/stable_cut.py: the grant history had in today's fit (what it used plus what
-was left unused) is cut on the grid and the request re-fitted with that history. Payloads
+"today" is each request with `budget.stable_history: false` (newest-first trimming);
+"stable" the same request with the profile's default (rag-chatbot: the cache-stable cut of
+worker/engine/stable_cut.py, inside the allocation). Both are fitted by the engine. Payloads
 are tokenized with o200k_base and the cookbook's chat framing, so the simulated caches see
 the exact token sequence. A cost model, not a timed benchmark.
 """
@@ -31,15 +31,10 @@ from decimal import Decimal
 from benchmarks.workload import build
 from worker.catalog import CacheTTL, Prices, default_catalog
 from worker.count.vocab import encoding
-from worker.engine.allocate import allocate
-from worker.engine.budget import policy_for
-from worker.engine.costs import Costs
 from worker.engine.engine import Engine
-from worker.engine.prepared import prepare
 from worker.engine.pricing import input_cost
 from worker.engine.request import AssemblyRequest
 from worker.engine.result import FitResult
-from worker.engine.stable_cut import block_for, stable_cut
 from worker.providers.anthropic_cache import Block, place_breakpoints
 
 OPENAI_BLOCK = 128
@@ -114,31 +109,22 @@ def payload(res: FitResult, at: float, tok: Tokens, new_messages: int) -> Payloa
     return Payload(at, msgs, ids, res.usage.history, kept, new_messages)
 
 
-def fit_today_and_stable(
-    engine: Engine, reqs: Sequence[AssemblyRequest], block_share: float
-) -> tuple[list[FitResult], list[FitResult], list[bool]]:
-    """Today's fits, and the same requests with history cut on the stable grid."""
-    today = engine.fit_many_sync(reqs)
-    trimmed: list[AssemblyRequest] = []
-    moved: list[bool] = []
-    for req in reqs:
-        started = engine._start(prepare(engine.catalog, req))
-        counts, _, _ = started.pending.result()
-        p = started.prep
-        costs = Costs.of(p.layout, counts, engine.catalog.framing, started.counter.role_tokens())
-        wants = costs.wants(p.layout, p.budget.budget_tokens)
-        plan = allocate(wants, policy_for(p.req, p.profile, p.budget))
-        grant = plan.history_tokens + plan.budget - plan.total
-        block = block_for(p.budget.max_context_tokens, block_share)
-        cut = stable_cut(wants.history, grant, block)
-        groups = p.layout.groups
-        start = groups[cut.first_kept][0] if cut.first_kept < len(groups) else len(req.history)
-        trimmed.append(req.model_copy(update={"history": req.history[start:]}))
-        moved.append(cut.cut_moved)
-    stable = engine.fit_many_sync(trimmed)
-    for res in stable:
-        assert res.status == "ok" and not any(d.slot == "history" for d in res.dropped), res
-    return today, stable, moved
+def fit_both(
+    engine: Engine, reqs: Sequence[AssemblyRequest], profile: str = "rag-chatbot"
+) -> tuple[list[FitResult], list[FitResult]]:
+    """The same requests fitted twice by the engine: today's newest-first trimming
+    (`budget.stable_history: false`) and the profile's default, the cache-stable cut."""
+
+    def with_budget(r: AssemblyRequest, stable: bool | None) -> AssemblyRequest:
+        spec = r.budget.model_copy(update={"stable_history": stable, "profile": profile})
+        return r.model_copy(update={"budget": spec})
+
+    today = [with_budget(r, False) for r in reqs]
+    stable = [with_budget(r, None) for r in reqs]
+    out_today, out_stable = engine.fit_many_sync(today), engine.fit_many_sync(stable)
+    for res in (*out_today, *out_stable):
+        assert res.status == "ok", res
+    return out_today, out_stable
 
 
 def simulate_openai(payloads: Sequence[Payload], prices: Prices) -> Tally:
@@ -245,7 +231,7 @@ def main() -> None:
     # a 77% bound): 4 chunks of 150-600 tokens in a 10k window
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--window", type=int, default=10_000)
-    ap.add_argument("--block-share", type=float, default=0.3, help="grid block / window")
+    ap.add_argument("--profile", default="rag-chatbot", help="a profile that keeps history")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--gap", type=float, default=60.0, help="seconds between turns")
     args = ap.parse_args()
@@ -261,7 +247,7 @@ def main() -> None:
     reqs = [AssemblyRequest.model_validate(r) for r in raw]
     catalog = default_catalog()
     engine = Engine(catalog)
-    today, stable, moved = fit_today_and_stable(engine, reqs, args.block_share)
+    today, stable = fit_both(engine, reqs, args.profile)
     tok = Tokens()
     runs: dict[str, list[Payload]] = {"today": [], "stable": []}
     for i, raw_req in enumerate(raw):
@@ -269,7 +255,8 @@ def main() -> None:
         at = turn * args.gap + conv * 0.5
         runs["today"].append(payload(today[i], at, tok, 2))
         runs["stable"].append(payload(stable[i], at, tok, 2))
-        runs["stable"][-1].cut_moved = moved[i]
+        cache = stable[i].prompt_cache
+        runs["stable"][-1].cut_moved = cache.cut_moved if cache is not None else None
     breaks = {
         mode: prefix_breaks(reqs, res) for mode, res in (("today", today), ("stable", stable))
     }
@@ -292,7 +279,8 @@ def main() -> None:
     n = len(reqs)
     print(
         f"{args.conversations} conversations x {args.turns} turns = {n} requests, window "
-        f"{args.window}, grid block {args.block_share:.0%} of the window, "
+        f"{args.window}, profile {args.profile} (grid block "
+        f"{catalog.profile(args.profile).history_block_share:.0%} of the window), "
         f"{args.gap:g}s between turns\n"
     )
     print(

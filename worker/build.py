@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from worker.catalog import default_config_dir, load_catalog
+from worker.catalog import CachingConfig, default_config_dir, load_catalog
 from worker.count.backends import BackendName
 from worker.count.cache import CountCache
 from worker.count.limiter import RateLimiter
@@ -23,6 +23,12 @@ def build_engine(settings: Settings, backend: BackendName | None = None) -> Engi
     The Claude client is one per engine: one rate limiter spaces every request's
     count_tokens calls, and one digest cache answers payloads counted before."""
     catalog = load_catalog(settings.config_dir)
+    caching = CachingConfig(
+        anthropic_ttl=settings.anthropic_cache_ttl,
+        anthropic_breakpoints=settings.anthropic_breakpoints,
+        prompt_cache_key=settings.prompt_cache_key,
+    )
+    catalog = catalog.model_copy(update={"caching": caching})
     cache = CountCache(settings.cache_bytes)
     limiter = RateLimiter(settings.anthropic_count_rpm, burst=settings.anthropic_count_burst)
 

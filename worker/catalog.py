@@ -103,6 +103,10 @@ class Profile(_Frozen):
     truncate_chunks: bool = False
     min_truncate_tokens: Annotated[int, Field(ge=1)] = 64
     min_history_turns: Annotated[int, Field(ge=0)] = 2
+    stable_history: bool = False
+    """Cut history only on the cache-stable grid (worker/engine/stable_cut.py)."""
+    history_block_share: Annotated[float, Field(gt=0, le=1)] = 0.3
+    """The grid's block as a share of the context window."""
 
     @model_validator(mode="after")
     def _priority_is_a_permutation(self) -> Profile:
@@ -142,6 +146,18 @@ class RenderTemplates(_Frozen):
         return self
 
 
+class CachingConfig(_Frozen):
+    """Provider prompt-cache options the deployment sets (TOKENHEAP_* settings)."""
+
+    anthropic_ttl: CacheTTL = "5m"
+    """Lifetime of the `cache_control` breakpoints tokenheap places on Claude payloads."""
+    anthropic_breakpoints: bool = True
+    """Place `cache_control` on Claude payloads' stable prefix."""
+    prompt_cache_key: Literal["off", "conversation", "pipeline"] = "off"
+    """OpenAI: emit `prompt_cache_key` from the conversation id (else the pipeline) or the
+    pipeline."""
+
+
 class Catalog(_Frozen):
     """Everything the engine needs from `config/`: models, framing, profiles, templates."""
 
@@ -149,6 +165,7 @@ class Catalog(_Frozen):
     framing: ChatFraming = ChatFraming()
     profiles: dict[str, Profile]
     render: RenderTemplates = RenderTemplates()
+    caching: CachingConfig = CachingConfig()
 
     def model(self, name: str) -> ModelInfo:
         found = self.models.get(name)

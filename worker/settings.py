@@ -110,7 +110,22 @@ class Settings(BaseSettings):
         0.05, ge=0, le=1, description="audit mode: share of payloads confirmed by the API"
     )
     claude_drift_threshold: float = Field(
-        0.02, gt=0, description="audit mode: alert when the p95 |local - API| / API passes this"
+        0.02,
+        gt=0,
+        description="audit mode: alert when the p95 of abs(local - API) / API passes this",
+    )
+
+    # Provider prompt caches
+    anthropic_cache_ttl: Literal["5m", "1h"] = Field(
+        "5m", description="Lifetime of the cache_control breakpoints placed on Claude payloads"
+    )
+    anthropic_breakpoints: bool = Field(
+        True, description="Place cache_control on Claude payloads' stable prefix"
+    )
+    prompt_cache_key: Literal["off", "conversation", "pipeline"] = Field(
+        "off",
+        description="OpenAI prompt_cache_key in results: from conversation_id (else the "
+        "pipeline), the pipeline, or none",
     )
 
     # Telemetry (OpenTelemetry itself is configured by the standard OTEL_* variables)

@@ -99,7 +99,8 @@ def hot_request(i: int) -> dict[str, Any]:
             {"id": "c3", "text": f"{c} " + "consectetur " * 40},
         ],
         "query": f"What about {c}?",
-        "budget": {"max_context_tokens": 600, "output_reserve": 60},
+        # today's newest-first trimming: the utilization asserted below is its
+        "budget": {"max_context_tokens": 600, "output_reserve": 60, "stable_history": False},
     }
 
 

@@ -833,6 +833,7 @@ async def test_dashboard_queries_name_only_what_the_worker_emits(
         "tokenheap_dead_letters_total",
         "tokenheap_input_tokens_sum",
         "tokenheap_sustained_alerts_active",
+        "tokenheap_cost_total",
     ):
         assert required in used, f"the dashboard does not show {required}"
 

@@ -166,7 +166,7 @@ def test_profiles_shape_the_split(engine: Engine, make_request: MakeRequest) -> 
     turn = "talk " * 200
     history = [{"role": r, "content": turn} for r in ["user", "assistant"] * 10]
     chunks = [{"id": f"c{i}", "text": f"{i} " + "fact " * 200} for i in range(20)]
-    common = {"max_context_tokens": 8000, "reflow": False}
+    common = {"max_context_tokens": 8000, "reflow": False, "stable_history": False}
     rag, support = engine.fit_many_sync(
         [
             make_request(

@@ -145,7 +145,8 @@ def tight(make_request: Callable[..., AssemblyRequest], **overrides: Any) -> Ass
             {"id": "c2", "text": "dolor sit amet " * 40},
             {"id": "c3", "text": "consectetur " * 40},
         ],
-        "budget": {"max_context_tokens": 600, "output_reserve": 60},
+        # today's newest-first trimming: the drops and alerts below are its
+        "budget": {"max_context_tokens": 600, "output_reserve": 60, "stable_history": False},
         "tenant": "acme",
         "pipeline": "docs-chat",
     }
@@ -986,3 +987,36 @@ def test_every_name_is_lowercase_dotted_and_unique() -> None:
     assert len(metrics) == len(set(metrics))
     attrs = [v for k, v in values.items() if k.startswith("ATTR_")]
     assert len(attrs) == len(set(attrs))
+
+
+def test_cost_is_counted_by_model_tenant_pipeline_and_part(
+    make_rig: MakeRig, engine: Engine, make_request: Callable[..., AssemblyRequest]
+) -> None:
+    rig = make_rig(max_attribute_values=2)
+    results = []
+    for tenant in ("t1", "t2", "t3", "t1"):
+        req = make_request(model="gpt-5", tenant=tenant, pipeline="chat")
+        results.append(res := fit(engine, req))
+        rig.tel.on_result(req, res, 0.01)
+    costs = {
+        (
+            p.attributes[names.GEN_AI_REQUEST_MODEL],
+            p.attributes[names.ATTR_TENANT],
+            p.attributes[names.ATTR_PIPELINE],
+            p.attributes[names.ATTR_COST_PART],
+        ): p.value
+        for p in rig.points(names.METRIC_COST)
+    }
+    each = [r.usage.cost for r in results if r.usage is not None and r.usage.cost is not None]
+    assert len(each) == 4
+    assert costs == pytest.approx(
+        {
+            ("gpt-5", "t1", "chat", "input"): each[0].input + each[3].input,
+            ("gpt-5", "t2", "chat", "input"): each[1].input,
+            ("gpt-5", "_other", "chat", "input"): each[2].input,
+            ("gpt-5", "t1", "chat", "output_worst_case"): 2 * each[0].output_worst_case,
+            ("gpt-5", "t2", "chat", "output_worst_case"): each[1].output_worst_case,
+            ("gpt-5", "_other", "chat", "output_worst_case"): each[2].output_worst_case,
+        }
+    )
+    assert rig.metrics()[names.METRIC_COST].data.is_monotonic

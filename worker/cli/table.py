@@ -35,6 +35,12 @@ def render_table(r: FitResult) -> str:
         f" / {u.budget_tokens} ({u.utilization:.1%}); output reserve {u.output_reserve}"
         f" of a {u.max_context_tokens} window"
     )
+    if u.cost is not None:
+        c = u.cost
+        lines.append(
+            f"  cost     input ${c.input:.6f} ({c.cached_tokens} cached), output up to "
+            f"${c.output_worst_case:.6f}, total up to ${c.total_worst_case:.6f}"
+        )
     for d in r.dropped:
         what = f"chunk {d.id!r}" if d.slot == "context" else f"history[{d.index}]"
         lines.append(f"  dropped  {what}: {d.tokens} tokens ({d.reason})")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from worker.catalog import SlotName
-from worker.engine.plan import Drop, DropReason, Plan, Policy, Truncation, Wants
+from worker.engine.plan import Drop, DropReason, HistoryCut, Plan, Policy, Truncation, Wants
+from worker.engine.stable_cut import StableCut, greedy_cut, stable_cut
 from worker.errors import OverBudget
 
 
@@ -13,6 +14,10 @@ def allocate(wants: Wants, policy: Policy) -> Plan:
     History is kept as the contiguous newest part, whole exchanges at a time. Chunks go in
     relevance order; one that does not fit is skipped and later, smaller ones still get
     their chance, so a full budget ends close to its limit.
+
+    With `policy.stable_block`, history is then re-cut on the cache-stable grid within
+    the grant it had (what it took plus what was left), and what that frees may go to
+    chunks (they sit in the final user message, after the cached prefix).
 
     >>> plan = allocate(Wants(budget=100, fixed=20, history=(30, 30, 30), chunks=(50, 10)),
     ...                 Policy(history_cap=30, context_cap=55))
@@ -64,6 +69,20 @@ def allocate(wants: Wants, policy: Policy) -> Plan:
             fill[slot](before + free)
             free -= used(slot) - before
 
+    # what history could have taken: the greedy fill keeps exactly the newest part of it
+    grant = hist_used + free if policy.reflow else min(caps["history"], hist_used + free)
+    cut: StableCut
+    if policy.stable_block is not None:
+        cut = stable_cut(wants.history, grant, policy.stable_block)
+        free += hist_used - cut.kept_tokens
+        hist_kept, hist_used = cut.kept, cut.kept_tokens
+        if free > 0:
+            ctx_limit = ctx_used + free if policy.reflow else min(caps["context"], ctx_used + free)
+            before = ctx_used
+            fill_context(ctx_limit)
+            free -= ctx_used - before
+    else:
+        cut = greedy_cut(wants.history, grant)
     truncation = _truncation(wants, policy, ctx_kept, ctx_used, free)
     if truncation is not None:
         ctx_kept.append(truncation.index)
@@ -77,8 +96,16 @@ def allocate(wants: Wants, policy: Policy) -> Plan:
         chunks_kept=tuple(ctx_kept),
         history_tokens=hist_used,
         context_tokens=ctx_used,
-        dropped=_drops(wants, hist_kept, set(ctx_kept)),
+        dropped=_drops(wants, cut, set(ctx_kept)),
         truncation=truncation,
+        cut=HistoryCut(
+            stable=policy.stable_block is not None,
+            block=policy.stable_block,
+            grant=grant,
+            shared_tokens=cut.prefix_tokens,
+            cut_moved=cut.cut_moved,
+            stability_cost=cut.stability_cost,
+        ),
     )
 
 
@@ -99,10 +126,17 @@ def _truncation(
     return None
 
 
-def _drops(wants: Wants, hist_kept: int, ctx_kept: set[int]) -> tuple[Drop, ...]:
+def _drops(wants: Wants, cut: StableCut, ctx_kept: set[int]) -> tuple[Drop, ...]:
+    # exchanges the greedy cut would have kept are dropped for stability, not for budget
+    greedy = min(cut.first_kept, cut.greedy_first)
     drops = [
-        Drop("history", i, cost, DropReason.HISTORY_BUDGET)
-        for i, cost in enumerate(wants.history[: len(wants.history) - hist_kept])
+        Drop(
+            "history",
+            i,
+            cost,
+            DropReason.HISTORY_BUDGET if i < greedy else DropReason.CACHE_STABLE_CUT,
+        )
+        for i, cost in enumerate(wants.history[: cut.first_kept])
     ]
     for i, cost in enumerate(wants.chunks):
         if cost is not None and i not in ctx_kept:

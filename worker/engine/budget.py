@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from worker.catalog import ModelInfo, Profile
 from worker.engine.plan import Policy
+from worker.engine.pricing import affordable_input_tokens
 from worker.engine.request import AssemblyRequest
-from worker.errors import OverBudget
+from worker.engine.stable_cut import block_for
+from worker.errors import InvalidRequest, OverBudget
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +17,10 @@ class Budget:
     max_context_tokens: int
     output_reserve: int
     budget_tokens: int
-    """What the input may use: window minus reserve, never past the model's input cap."""
+    """What the input may use: window minus reserve, never past the model's input cap
+    nor past what `max_input_cost` pays for."""
+    cost_cap_tokens: int | None = None
+    """Input tokens `budget.max_input_cost` pays for at the uncached rate (None: no cap)."""
 
 
 def budget_for(req: AssemblyRequest, info: ModelInfo, profile: Profile) -> Budget:
@@ -32,7 +37,17 @@ def budget_for(req: AssemblyRequest, info: ModelInfo, profile: Profile) -> Budge
     usable = window - reserve
     if info.max_input is not None:
         usable = min(usable, info.max_input)
-    return Budget(window, reserve, usable)
+    cap = None
+    if spec.max_input_cost is not None:
+        if info.prices is None:
+            raise InvalidRequest(
+                f"budget.max_input_cost needs prices for {req.model}: add `prices` to its "
+                "row in config/models.yaml"
+            )
+        # nothing assumed cached: the cap holds even when the provider's cache misses
+        cap = affordable_input_tokens(info.prices, spec.max_input_cost)
+        usable = min(usable, cap)
+    return Budget(window, reserve, usable, cap)
 
 
 def policy_for(req: AssemblyRequest, profile: Profile, budget: Budget) -> Policy:
@@ -52,7 +67,16 @@ def policy_for(req: AssemblyRequest, profile: Profile, budget: Budget) -> Policy
             else req.budget.truncate_chunks
         ),
         min_truncate_tokens=profile.min_truncate_tokens,
+        stable_block=(
+            block_for(window, profile.history_block_share) if stable_history(req, profile) else None
+        ),
     )
+
+
+def stable_history(req: AssemblyRequest, profile: Profile) -> bool:
+    """Cache-stable history cut: the request's choice, else the profile's."""
+    chosen = req.budget.stable_history
+    return profile.stable_history if chosen is None else chosen
 
 
 def system_share(req: AssemblyRequest, profile: Profile) -> float:

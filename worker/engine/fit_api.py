@@ -227,7 +227,8 @@ class _Fit:
         the estimate; dropped items priced in whole tokens at the plan's ratio."""
         plan, ratio = planned
         costs = self.costs(ratio)
-        plan = replace(plan, dropped=tuple(_retoken(d, costs, self.p) for d in plan.dropped))
+        unit_history = self.costs(ratio, UNIT).wants(self.p.layout, 0).history
+        plan = _in_tokens(plan, costs, unit_history, self.p)
         result = build_result(self.p, plan, costs, method, exact, {}, [], self.use, total)
         usage = result.usage
         if usage is not None:
@@ -287,6 +288,14 @@ async def _prepare(p: Prepared, claude: ClaudeCounter, local: LocalCounter) -> _
     # Truncating a chunk needs the true tokenizer to cut at a boundary; Claude's is not
     # local, so a chunk that does not fit is left out whole.
     policy = replace(policy_for(p.req, p.profile, p.budget), truncate=False)
+    # The allocator runs in 1/UNIT tokens: the policy's token amounts too.
+    policy = replace(
+        policy,
+        history_cap=policy.history_cap * UNIT,
+        context_cap=policy.context_cap * UNIT,
+        min_truncate_tokens=policy.min_truncate_tokens * UNIT,
+        stable_block=None if policy.stable_block is None else policy.stable_block * UNIT,
+    )
     return _Fit(
         p,
         family,
@@ -373,6 +382,39 @@ async def _fit_audited(f: _Fit, claude: ClaudeCounter) -> FitResult:
             )
         )
     return result
+
+
+def _in_tokens(plan: Plan, costs: Costs, unit_history: tuple[int, ...], p: Prepared) -> Plan:
+    """The plan's amounts in whole tokens (the allocator's are in 1/UNIT).
+
+    The shared history prefix is re-summed from whole-token exchange costs (the same
+    exchanges), so the prompt-cache facts add up exactly like the rest of the result."""
+    cut = plan.cut
+    if cut is not None:
+        history = costs.wants(p.layout, 0).history
+        first = len(history) - plan.history_kept
+        shared_units = shared = 0
+        for u, t in zip(unit_history[first:], history[first:], strict=True):
+            if shared_units + u > cut.shared_tokens:
+                break
+            shared_units += u
+            shared += t
+        cut = replace(
+            cut,
+            block=None if cut.block is None else cut.block // UNIT,
+            grant=cut.grant // UNIT,
+            shared_tokens=shared,
+            stability_cost=-(-cut.stability_cost // UNIT),
+        )
+    return replace(
+        plan,
+        budget=plan.budget // UNIT,
+        fixed=-(-plan.fixed // UNIT),
+        history_tokens=-(-plan.history_tokens // UNIT),
+        context_tokens=-(-plan.context_tokens // UNIT),
+        dropped=tuple(_retoken(d, costs, p) for d in plan.dropped),
+        cut=cut,
+    )
 
 
 def _retoken(d: Drop, costs: Costs, p: Prepared) -> Drop:

@@ -22,6 +22,9 @@ class DropReason(StrEnum):
     """Same text as a better-ranked chunk: sent once."""
     EMPTY = "empty"
     """Nothing but whitespace: it would cost framing tokens for no content."""
+    CACHE_STABLE_CUT = "cache_stable_cut"
+    """The exchange would have fit, but history is cut only on the cache-stable grid, so
+    the kept prefix stays identical to the previous turn's (see `stable_cut.py`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,9 @@ class Policy:
     truncate: bool = False
     """Cut the best chunk that did not fit at a token boundary to fill what is left."""
     min_truncate_tokens: int = 64
+    stable_block: int | None = None
+    """Cut history only on a grid of this many tokens from the conversation's start, so the
+    kept prefix stays put across turns (None: newest-first greedy, today's trimming)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,24 @@ class Truncation:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryCut:
+    """Where history was cut and what the next provider cache can expect from it."""
+
+    stable: bool
+    """Cut on the cache-stable grid (True) or newest-first (False)."""
+    block: int | None
+    grant: int
+    """Tokens history could have used: what it took plus what was left unused."""
+    shared_tokens: int
+    """Kept history tokens the previous turn (this history without its newest exchange,
+    same grant) also sent, right after the head: the expected cached part of history."""
+    cut_moved: bool
+    """The previous turn kept an exchange this turn drops: only the head is shared."""
+    stability_cost: int
+    """History tokens given up for a stable prefix (greedy minus kept, 0 when greedy)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """The allocation: which items are kept, and why the others are not."""
 
@@ -89,6 +113,7 @@ class Plan:
     """Including the context overhead when any chunk is kept."""
     dropped: tuple[Drop, ...]
     truncation: Truncation | None = None
+    cut: HistoryCut | None = None
 
     @property
     def total(self) -> int:

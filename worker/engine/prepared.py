@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from worker.catalog import Catalog, ModelInfo, Profile
+from worker.catalog import CachingConfig, Catalog, ModelInfo, Profile
 from worker.engine.budget import Budget, budget_for
 from worker.engine.costs import pieces
 from worker.engine.layout import Layout, build_layout
@@ -19,6 +19,7 @@ class Prepared:
     budget: Budget
     layout: Layout
     texts: list[str]
+    caching: CachingConfig = field(default_factory=CachingConfig)
 
 
 def prepare(catalog: Catalog, req: AssemblyRequest) -> Prepared:
@@ -27,4 +28,4 @@ def prepare(catalog: Catalog, req: AssemblyRequest) -> Prepared:
     profile = catalog.profile(req.budget.profile)
     budget = budget_for(req, info, profile)
     layout = build_layout(req, info.provider, catalog.render)
-    return Prepared(req, info, profile, budget, layout, pieces(layout))
+    return Prepared(req, info, profile, budget, layout, pieces(layout), catalog.caching)

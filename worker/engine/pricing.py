@@ -106,6 +106,8 @@ class CostEstimate(BaseModel):
     write_ttl: CacheTTL
     price_source: str
     prices_as_of: dt.date
+    max_input_cost: float | None = None
+    """The request's `budget.max_input_cost`, when it set one (`input` never exceeds it)."""
 
 
 def estimate(
@@ -116,6 +118,7 @@ def estimate(
     cached_tokens: int = 0,
     cache_write_tokens: int = 0,
     write_ttl: CacheTTL = "5m",
+    max_input_cost: Decimal | None = None,
 ) -> CostEstimate:
     """The cost block of one fitted request."""
     cin = input_cost(prices, input_tokens, cached_tokens, cache_write_tokens, write_ttl)
@@ -129,6 +132,7 @@ def estimate(
         write_ttl=write_ttl,
         price_source=prices.source,
         prices_as_of=prices.as_of,
+        max_input_cost=None if max_input_cost is None else float(max_input_cost),
     )
 
 

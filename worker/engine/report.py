@@ -6,6 +6,7 @@ Shared by every provider path, so a result means the same whatever counted it.
 from __future__ import annotations
 
 from worker.engine.budget import alert_threshold, system_share
+from worker.engine.caching import annotate
 from worker.engine.costs import Costs
 from worker.engine.plan import Plan
 from worker.engine.prepared import Prepared
@@ -82,6 +83,7 @@ def build_result(
         cache=use,
     )
     result.alerts.extend(request_alerts(p, usage, dropped, plan))
+    annotate(p, plan, costs, result)  # post-render: cost and provider prompt-cache facts
     return result
 
 

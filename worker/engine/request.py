@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,6 +52,16 @@ class BudgetSpec(_Strict):
     truncate_chunks: bool | None = None
     """Cut the first chunk that does not fit at a token boundary instead of skipping it."""
     alert_threshold: Annotated[float, Field(gt=0, le=1)] | None = None
+    stable_history: bool | None = None
+    """Cut history only at cache-stable points so the prompt prefix repeats across turns
+    (profile default if unset)."""
+    max_input_cost: Annotated[Decimal, Field(ge=0)] | None = None
+    """Most USD the input may cost, nothing assumed cached; lowers the token budget."""
+    cache_ttl: Literal["5m", "1h"] | None = None
+    """Claude: lifetime of the `cache_control` breakpoints placed (setting if unset)."""
+    prompt_cache_key: Literal["off", "conversation", "pipeline"] | None = None
+    """OpenAI: derive `prompt_cache_key` from the conversation id or the pipeline
+    (setting if unset)."""
 
 
 class AssemblyRequest(_Strict):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # A kept history turn is sent as it came: the output message is the request's Turn model,
 # so kept turns pass through without a copy.
+from worker.engine.pricing import CostEstimate
 from worker.engine.request import Turn
 
 
@@ -35,6 +36,11 @@ class Usage(_Out):
     slots_apportioned: bool = False
     """True when only `total_tokens` was counted as a whole (Claude: the count API counts
     whole payloads) and the slot values split it in proportion to a local estimate."""
+    cost: CostEstimate | None = None
+    """Expected input cost (cached prefix at the cached rate, cache writes at theirs) and
+    the worst case of the output reserve; None when the model row has no prices."""
+    cost_unavailable: str | None = None
+    """Why `cost` is None."""
 
 
 class DroppedItem(_Out):
@@ -83,6 +89,50 @@ class CountAudit(_Out):
     """(local - confirmed) / confirmed."""
 
 
+class CacheBreakpoint(_Out):
+    """One `cache_control` breakpoint on a Claude payload."""
+
+    section: Literal["tools", "system", "messages"]
+    index: int
+    """Block index within its section: the system text block, or the message."""
+    ttl: Literal["5m", "1h"]
+    why: Literal["history", "bridge", "system", "tools", "request"]
+    prefix_tokens: int
+    """Tokens the breakpoint caches: everything up to and including its block."""
+
+
+class AnthropicCachePayload(_Out):
+    """The Claude payload with its breakpoints, as `messages.create` takes it: the same
+    system and messages as the result's, in content-block form."""
+
+    system: list[dict[str, Any]] | None = None
+    messages: list[dict[str, Any]]
+
+
+class PromptCache(_Out):
+    """What the provider's prompt cache can expect of this payload (not the count cache)."""
+
+    stable_history: bool
+    """History was cut on the cache-stable grid (else newest first)."""
+    block_tokens: int | None = None
+    """The grid's block, when stable."""
+    prefix_tokens: int
+    """Tokens at the start of the payload expected identical to the previous turn's
+    (system prompt, then the kept history the previous turn also sent)."""
+    cut_moved: bool
+    """The previous turn kept history this turn drops: only the head repeats."""
+    stability_cost_tokens: int
+    """History tokens given up to keep the prefix stable (what newest-first would keep
+    more)."""
+    history_grant_tokens: int
+    """Tokens history could use in this fit."""
+    breakpoints: list[CacheBreakpoint] = Field(default_factory=list)
+    """Claude: where `cache_control` is placed, in payload order."""
+    breakpoints_placed_by: Literal["tokenheap", "request"] | None = None
+    anthropic: AnthropicCachePayload | None = None
+    """Claude, when breakpoints are placed: the payload to send, `cache_control` on."""
+
+
 class FitResult(_Out):
     """What tokenheap publishes for one request: the payload to send and its manifest."""
 
@@ -109,3 +159,8 @@ class FitResult(_Out):
     cache: CacheUse = Field(default_factory=CacheUse)
     count_audit: CountAudit | None = None
     """Set when this payload's local count was checked against the count API (audit mode)."""
+    prompt_cache: PromptCache | None = None
+    """The provider's prompt cache: the stable prefix, breakpoints placed (ok results)."""
+    prompt_cache_key: str | None = None
+    """OpenAI: pass as `prompt_cache_key` (when configured), to route turns of one
+    conversation or pipeline to the same cache."""

@@ -43,6 +43,8 @@ class StableCut:
     cut_moved: bool
     """True when the previous turn (this history without its newest exchange, same budget)
     kept an exchange this turn drops: only the head is expected to be shared then."""
+    greedy_first: int = 0
+    """Where the newest-first greedy cut falls under the same budget."""
 
     @property
     def stability_cost(self) -> int:
@@ -93,22 +95,42 @@ def stable_cut(costs: Sequence[int], budget: int, block: int, head_tokens: int =
     >>> cut.kept, cut.kept_tokens, cut.greedy_kept_tokens, cut.prefix_tokens, cut.cut_moved
     (2, 800, 800, 450, False)
     """
-    n = len(costs)
     first = grid_first_kept(costs, budget, block)
+    previous = grid_first_kept(costs[:-1], budget, block) if costs else 0
+    return _cut(costs, budget, first, previous, head_tokens)
+
+
+def greedy_cut(costs: Sequence[int], budget: int, head_tokens: int = 0) -> StableCut:
+    """Today's newest-first cut described like `stable_cut`, so both report the prefix
+    they share with the previous turn (greedy moves its cut at nearly every full turn).
+
+    >>> cut = greedy_cut([400, 400, 400, 400], budget=1000, head_tokens=50)
+    >>> cut.kept, cut.prefix_tokens, cut.cut_moved
+    (2, 50, True)
+    """
+    first = greedy_first_kept(costs, budget)
+    previous = greedy_first_kept(costs[:-1], budget) if costs else 0
+    return _cut(costs, budget, first, previous, head_tokens)
+
+
+def _cut(
+    costs: Sequence[int], budget: int, first: int, previous: int, head_tokens: int
+) -> StableCut:
+    n = len(costs)
     kept_tokens = sum(costs[first:])
     greedy = greedy_first_kept(costs, budget)
     # moved: the previous turn kept an exchange this one drops (an empty history that
     # stays empty is no move, though its end index grows)
-    moved = n > 0 and grid_first_kept(costs[:-1], budget, block) < min(first, n - 1)
+    moved = n > 0 and previous < min(first, n - 1)
     shared = 0 if n == 0 or first == n or moved else kept_tokens - costs[-1]
-    prefix = head_tokens + shared
     return StableCut(
         first_kept=first,
         kept=n - first,
         kept_tokens=kept_tokens,
         greedy_kept_tokens=sum(costs[greedy:]),
-        prefix_tokens=prefix,
+        prefix_tokens=head_tokens + shared,
         cut_moved=moved,
+        greedy_first=greedy,
     )
 
 

@@ -19,10 +19,10 @@ Pure: works on block token counts, no payload, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Literal
+from typing import Any, Literal
 
 CacheTTL = Literal["5m", "1h"]
 Section = Literal["tools", "system", "messages"]
@@ -157,6 +157,83 @@ def expected_cache_tokens(
         if any(0 <= bp.index - entry.index < lookback for bp in placement.breakpoints):
             read = max(read, entry.prefix_tokens)
     return read, max(0, placement.breakpoints[-1].prefix_tokens - read)
+
+
+System = str | Sequence[Mapping[str, Any]] | None
+"""The `system` parameter: a string or text blocks (None: absent)."""
+
+
+def payload_blocks(
+    system: System,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> list[tuple[Section, int, int, CacheTTL | None]]:
+    """The cacheable blocks of a payload in prefix order, as (section, item, block, own):
+    `item` indexes the section (tool, system block, message), `block` a message's content
+    block (0 for string content), `own` the TTL of a `cache_control` already there."""
+    out: list[tuple[Section, int, int, CacheTTL | None]] = []
+    for i, tool in enumerate(tools or ()):
+        out.append(("tools", i, 0, _ttl(tool)))
+    if isinstance(system, str):
+        if system:
+            out.append(("system", 0, 0, None))
+    elif system is not None:
+        for i, block in enumerate(system):
+            out.append(("system", i, 0, _ttl(block)))
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, str):
+            out.append(("messages", i, 0, None))
+        else:
+            for j, block in enumerate(content or ()):
+                out.append(("messages", i, j, _ttl(block)))
+    return out
+
+
+def mark_payload(
+    system: System,
+    messages: Sequence[Mapping[str, Any]],
+    placement: Placement,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Copies of (system, messages, tools) with `cache_control` on the placement's blocks
+    (block indices as `payload_blocks` enumerates them); string content becomes one text
+    block so it can carry the mark. A request's own placement is returned unchanged."""
+    where = payload_blocks(system, messages, tools)
+    marks = {
+        (where[b.index][0], where[b.index][1], where[b.index][2]): b.ttl
+        for b in placement.breakpoints
+        if placement.placed_by == "tokenheap"
+    }
+
+    def block(section: Section, i: int, j: int, value: Any) -> dict[str, Any]:
+        out = {"type": "text", "text": value} if isinstance(value, str) else dict(value)
+        ttl = marks.get((section, i, j))
+        if ttl is not None:
+            out["cache_control"] = cache_control(ttl)
+        return out
+
+    new_tools = None if tools is None else [block("tools", i, 0, t) for i, t in enumerate(tools)]
+    new_system: list[dict[str, Any]] | None = None
+    if isinstance(system, str):
+        new_system = [block("system", 0, 0, system)] if system else None
+    elif system is not None:
+        new_system = [block("system", i, 0, b) for i, b in enumerate(system)]
+    new_messages: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else list(content or ())
+        new_messages.append(
+            {**message, "content": [block("messages", i, j, c) for j, c in enumerate(parts)]}
+        )
+    return new_system, new_messages, new_tools
+
+
+def _ttl(block: Mapping[str, Any]) -> CacheTTL | None:
+    mark = block.get("cache_control")
+    if not isinstance(mark, Mapping):
+        return None
+    return "1h" if mark.get("ttl") == "1h" else "5m"
 
 
 def _check_order(blocks: Sequence[Block]) -> None:

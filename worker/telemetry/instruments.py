@@ -113,6 +113,11 @@ class Instruments:
             unit="{lookup}",
             description="Count-cache lookups by outcome (hit, miss)",
         )
+        self.cost = meter.create_counter(
+            names.METRIC_COST,
+            unit="{USD}",
+            description="USD of fitted requests at list prices: expected input, worst-case output",
+        )
         self.anthropic: AnthropicSource | None = anthropic
         """Read at each collection; settable later (the engine may start after telemetry)."""
         meter.create_observable_counter(

@@ -155,6 +155,11 @@ METRIC_CLAUDE_COUNT_DRIFT: Final = "tokenheap.claude.count.drift"
 DRIFT_BUCKETS: Final = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 """|local - API| / API of audited Claude counts (histograms take no negative values: the
 sign is the `tokenheap.count.drift.direction` attribute)."""
+METRIC_COST: Final = "tokenheap.cost"
+"""USD of fitted requests at list prices, by `tokenheap.cost.part` (Prometheus:
+`tokenheap_cost_total`)."""
+ATTR_COST_PART: Final = "tokenheap.cost.part"
+"""`input` (expected, prompt cache counted) or `output_worst_case` (the whole reserve)."""
 
 TOKEN_BUCKETS: Final = (
     1,

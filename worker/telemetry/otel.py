@@ -293,6 +293,12 @@ class OtelTelemetry:
                 inst.slot_tokens.record(int(getattr(usage, slot)), {**dims, names.ATTR_SLOT: slot})
             inst.input_tokens.record(usage.total_tokens, dims)
             inst.utilization.record(usage.utilization, dims)
+            if usage.cost is not None:
+                for part, usd in (
+                    ("input", usage.cost.input),
+                    ("output_worst_case", usage.cost.output_worst_case),
+                ):
+                    inst.cost.add(usd, {**dims, names.ATTR_COST_PART: part})
         drops: dict[tuple[str, str], int] = {}
         for d in result.dropped:
             drops[(d.slot, d.reason)] = drops.get((d.slot, d.reason), 0) + 1
