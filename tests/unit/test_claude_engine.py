@@ -77,7 +77,13 @@ def sentence(rng: random.Random, n: int) -> str:
 
 
 def request(
-    i: int, system: str, history: list[str], chunks: list[str], query: str, window: int
+    i: int,
+    system: str,
+    history: list[str],
+    chunks: list[str],
+    query: str,
+    window: int,
+    **budget: Any,
 ) -> AssemblyRequest:
     roles = ("user", "assistant")
     return AssemblyRequest.model_validate(
@@ -88,7 +94,7 @@ def request(
             "history": [{"role": roles[k % 2], "content": t} for k, t in enumerate(history)],
             "chunks": [{"id": f"c{k}", "text": t} for k, t in enumerate(chunks)],
             "query": query,
-            "budget": {"max_context_tokens": window, "output_reserve": 0},
+            "budget": {"max_context_tokens": window, "output_reserve": 0, **budget},
         }
     )
 
@@ -108,14 +114,14 @@ def unrelated(seed: int, n: int) -> list[AssemblyRequest]:
     ]
 
 
-def conversations(seed: int, n: int, turns: int) -> list[AssemblyRequest]:
+def conversations(seed: int, n: int, turns: int, **budget: Any) -> list[AssemblyRequest]:
     rng = random.Random(seed)
     out: list[AssemblyRequest] = []
     for _ in range(n):
         system, history = sentence(rng, 20), []
         for _turn in range(turns):
             query = sentence(rng, rng.randint(5, 40))
-            out.append(request(len(out), system, list(history), [], query, 2000))
+            out.append(request(len(out), system, list(history), [], query, 2000, **budget))
             history += [query, sentence(rng, rng.randint(20, 150))]
     return out
 
@@ -209,12 +215,14 @@ async def test_growing_conversations_cost_about_one_call_per_turn(
     make_engine: MakeEngine, bytes_server: Any, anthropic_server_module: Any
 ) -> None:
     engine = make_engine()
-    reqs = conversations(12, 8, 10)
+    # newest-first history (the cache-stable cut drops exchanges that would fit, on purpose)
+    reqs = conversations(12, 8, 10, stable_history=False)
     results = [await engine.fit(req) for req in reqs]
     for req, result in zip(reqs, results, strict=True):
         check_exact(result, anthropic_server_module)
         assert result.usage is not None
         dropped = [d for d in result.dropped if d.slot == "history"]
+        assert all(d.reason == "history_budget" for d in dropped)
         if dropped:
             # take-back worked: the next older exchange would not have fitted
             kept = len(result.messages) - 1
@@ -226,6 +234,11 @@ async def test_growing_conversations_cost_about_one_call_per_turn(
             more = anthropic_server_module.bytes_expected_tokens(body)
             assert more > result.usage.budget_tokens
     assert bytes_server.calls / len(reqs) <= 1.05
+    bytes_server.reset()
+    stable = conversations(13, 8, 10)  # the profile's cache-stable cut
+    for result in [await engine.fit(req) for req in stable]:
+        check_exact(result, anthropic_server_module)
+    assert bytes_server.calls / len(stable) <= 1.05
 
 
 async def test_a_replayed_request_costs_no_call(make_engine: MakeEngine, bytes_server: Any) -> None:
