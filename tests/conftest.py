@@ -22,6 +22,16 @@ settings.register_profile(
 settings.load_profile("default")
 
 
+@pytest.fixture(autouse=True)
+def _clean_tokenheap_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without TOKENHEAP_* variables: a developer's shell (or a CI job)
+    exporting TOKENHEAP_BOOTSTRAP_SERVERS must not change what a test sees. Tests that want
+    one set it with monkeypatch."""
+    for name in list(os.environ):
+        if name.startswith("TOKENHEAP_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def catalog() -> Catalog:
     return load_catalog()

@@ -59,6 +59,24 @@ class Settings(BaseSettings):
     ssl_keyfile: Path | None = Field(None, description="Client key for mutual TLS")
     health_host: str = Field("127.0.0.1", description="Health endpoint address")
     health_port: int = Field(8080, ge=0, le=65535, description="Health endpoint port (0: off)")
+    kafka_session_timeout_s: float = Field(
+        10.0, gt=0, description="Group session timeout: how soon a dead worker's partitions move"
+    )
+    kafka_heartbeat_interval_s: float = Field(
+        3.0, gt=0, description="Group heartbeat interval (under a third of the session timeout)"
+    )
+    kafka_max_poll_interval_s: float = Field(
+        300.0, gt=0, description="Longest gap between fetches before the group drops a worker"
+    )
+    kafka_request_timeout_s: float = Field(
+        30.0, gt=0, description="Bound on one Kafka request (commits, joins, metadata)"
+    )
+    kafka_delivery_timeout_s: float = Field(
+        30.0, gt=0, description="Bound on one message's delivery before the client restarts"
+    )
+    kafka_startup_timeout_s: float = Field(
+        300.0, gt=0, description="How long a starting worker waits for an unreachable broker"
+    )
 
     # Engine
     config_dir: Path | None = Field(
@@ -71,7 +89,11 @@ class Settings(BaseSettings):
         "auto = fastokens for the worker, tiktoken for `fit`",
     )
     cache_bytes: int = Field(64 * 1024 * 1024, ge=0, description="Count cache bound, bytes")
-    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Largest request")
+    max_request_bytes: int = Field(
+        1_048_576,
+        ge=1,
+        description="Largest request accepted; at most TOKENHEAP_MAX_MESSAGE_BYTES",
+    )
     max_history_turns: int = Field(2000, ge=0, description="Most history turns per request")
     max_chunks: int = Field(2000, ge=0, description="Most chunks per request")
     max_item_chars: int = Field(262_144, ge=1, description="Longest single text item")
@@ -155,6 +177,14 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
     log_format: Literal["json", "text"] = Field(
         "json", description="JSON lines with trace ids, or text"
+    )
+
+    # Appended (operations): message size
+    max_message_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        description="Largest Kafka message the producers send (their max_request_size); "
+        "keep it at most the broker's message.max.bytes (default 1 MiB)",
     )
 
     @classmethod

@@ -299,8 +299,11 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # as PID 1 in a container, SIGTERM needs one
         loop.add_signal_handler(sig, stop.set)
+    # The same message size as the worker's producers (TOKENHEAP_MAX_MESSAGE_BYTES, default
+    # the broker's 1 MiB): a request the broker would refuse fails here, not there.
+    max_bytes = int(os.environ.get("TOKENHEAP_MAX_MESSAGE_BYTES", str(1 << 20)))
     producer = AIOKafkaProducer(
-        bootstrap_servers=args.bootstrap, enable_idempotence=True, max_request_size=2 << 20
+        bootstrap_servers=args.bootstrap, enable_idempotence=True, max_request_size=max_bytes
     )
     await producer.start()
     consumer = None

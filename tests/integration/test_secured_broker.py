@@ -141,7 +141,7 @@ async def test_refused_credentials_or_trust_stop_at_once_and_say_why(
 
     caplog.clear()
     async with kit.InProcessWorker(settings) as worker:
-        assert await worker.wait(60) == 1  # stops by itself: no retry loop to wait out
+        assert await worker.wait(60) == 2  # refused: stops by itself, no retry loop to wait out
     lines = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert len(lines) <= LOG_LINES_AT_MOST, [r.getMessage() for r in lines]
 

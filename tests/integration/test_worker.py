@@ -24,7 +24,7 @@ from worker.build import build_engine
 from worker.stream.dlq import list_dead_letters, replay_dead_letters
 from worker.stream.kafka import ensure_topics, partitions_of
 from worker.stream.publish import (
-    MAX_MESSAGE_BYTES,
+    MAX_VALUE_BYTES,
     Source,
     dead_letter_message,
     transactional_id,
@@ -162,11 +162,16 @@ async def test_bad_messages_are_dead_lettered_while_the_partition_flows(
         kit.InProcessWorker(settings, telemetry=telemetry) as worker,
     ):
         await kit.produce(kafka_bootstrap, names.requests, values, headers=headers)
-        await r.wait_for(lambda: len(r.on(names.results)) >= 3 and len(r.on(names.dlq)) >= 4)
+        await r.wait_for(lambda: len(r.on(names.results)) >= 5 and len(r.on(names.dlq)) >= 4)
         await asyncio.sleep(1.0)
         assert await worker.stop() == 0
 
-    assert r.ids(names.results) == [kit.request_id(i) for i in range(3)]
+    # A rejected request whose id can be read is answered too (its caller would hang).
+    ids = [kit.request_id(0), kit.request_id(1), "r", kit.request_id(90), kit.request_id(2)]
+    assert r.ids(names.results) == ids
+    answered = {d["request_id"]: d for d in r.json(names.results)}
+    assert answered["r"]["error"]["code"] == "invalid_request"
+    assert answered[kit.request_id(90)]["error"]["code"] == "request_too_large"
     letters = r.json(names.dlq)
     assert [(d["source_offset"], d["reason_code"]) for d in letters] == [
         (1, "invalid_request"),
@@ -436,7 +441,7 @@ def test_a_dead_letter_too_large_to_copy_its_original_refers_to_it() -> None:
     out = dead_letter_message("dlq", source, reason_code="request_too_large", reason="too big",
                               group_id="g")  # fmt: skip
     letter = json.loads(out.value)
-    assert len(out.value) <= MAX_MESSAGE_BYTES and out.key == b"key"
+    assert len(out.value) <= MAX_VALUE_BYTES and out.key == b"key"
     assert letter["original"] == "reference" and letter["value_b64"] is None
     assert letter["reason"] == "too big" and letter["headers"] == []
     assert letter["reference"]["value_size"] == 900_000

@@ -194,7 +194,10 @@ def test_docker_compose_config_when_available() -> None:
 
 def test_build_contexts_and_dockerfiles_exist() -> None:
     built = {n: s["build"] for n, s in services().items() if "build" in s}
-    assert {"worker", "producer"} <= set(built)
+    assert set(built) == {"worker"}  # built once; the producer runs the worker's image
+    producer, worker = services()["producer"], services()["worker"]
+    assert producer["image"] == worker["image"] and producer["pull_policy"] == "never"
+    assert "worker" in producer["depends_on"]  # so the image exists when it starts
     for name, build in built.items():
         context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
         dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "")
@@ -739,6 +742,16 @@ async def emitted_series(engine: Engine, catalog: Catalog) -> dict[str, set[str]
     telemetry.observe_anthropic(
         SimpleNamespace(calls=2, failures=1, throttled=1, limiter_wait_s=0.5)
     )
+    from worker.telemetry.instruments import KafkaSnapshot
+
+    telemetry.watch_kafka(
+        lambda: KafkaSnapshot(
+            lag={("tokenheap.requests", 0): 3}, in_flight=2, paused_partitions=1,
+            assigned_partitions=1,
+        )
+    )  # fmt: skip
+    telemetry.on_rebalance(kind="assigned", partitions=1)
+    telemetry.on_commit(0.004)
     producer = producer_module()
     example = producer.load_examples(ROOT / "examples")[0]
     process = {"partition": 0, "offset": 0, "group": "g", "key": None, "headers": []}
@@ -753,6 +766,8 @@ async def emitted_series(engine: Engine, catalog: Catalog) -> dict[str, set[str]
         audited = FitResult(request_id="a", status="ok", model="claude-x", count_audit=audit)
         with telemetry.process(topic="tokenheap.requests", **process):
             telemetry.on_result(None, audited, 0.01)  # a Claude payload audited (audit mode)
+        telemetry.on_kafka_outage_start()
+        telemetry.on_kafka_outage_end(3.0)
         data = reader.get_metrics_data()
     finally:
         meters.shutdown()
@@ -834,6 +849,11 @@ async def test_dashboard_queries_name_only_what_the_worker_emits(
         "tokenheap_input_tokens_sum",
         "tokenheap_sustained_alerts_active",
         "tokenheap_cost_total",
+        "tokenheap_kafka_consumer_lag",
+        "tokenheap_kafka_in_flight",
+        "tokenheap_kafka_paused_partitions",
+        "tokenheap_kafka_rebalances_total",
+        "tokenheap_kafka_commit_duration_seconds_bucket",
     ):
         assert required in used, f"the dashboard does not show {required}"
 
@@ -897,3 +917,49 @@ def test_producer_describes_what_comes_back() -> None:
     assert "sustained" in producer.describe_alert(
         {"kind": "sustained", "type": "sustained_utilization", "state": "raised", "model": "m"}
     )
+
+
+# -- the fleet's alerting rules ---------------------------------------------------------------
+
+RULES = ROOT / "ops" / "prometheus" / "tokenheap.rules.yml"
+
+
+def test_prometheus_loads_the_fleet_rules_from_the_mount() -> None:
+    config = yaml.safe_load((OPS / "prometheus.yml").read_text(encoding="utf-8"))
+    _, target = service_mounting(RULES.parent)
+    assert config["rule_files"] == [f"{target}/*.yml"]
+
+
+async def test_fleet_rules_name_only_what_the_worker_emits(
+    engine: Engine, catalog: Catalog
+) -> None:
+    series = await emitted_series(engine, catalog)
+    groups = yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]
+    alerts = [r for g in groups for r in g["rules"]]
+    assert {r["alert"] for r in alerts} >= {
+        "TokenheapSustainedHighUtilization",
+        "TokenheapConsumerLagGrowing",
+    }
+    for rule in alerts:
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        parser, tree = promql(rule["expr"])
+
+        def check(node: Any, name: str = rule["alert"], parser: Any = parser) -> None:
+            if isinstance(node, parser.VectorSelector):
+                assert node.name in series, f"{name}: no series {node.name}"
+                labels = {m.name for m in node.matchers.matchers}
+                assert labels <= series[node.name], f"{name}: {node.name} lacks {labels}"
+            if isinstance(node, parser.AggregateExpr) and node.modifier is not None:
+                below: list[str] = []
+                parser.walk(
+                    node.expr,
+                    lambda n: (
+                        below.append(n.name) if isinstance(n, parser.VectorSelector) else None
+                    ),
+                )
+                for metric in below:
+                    missing = set(node.modifier.labels) - series[metric]
+                    assert not missing, f"{name}: {metric} has no labels {sorted(missing)}"
+
+        parser.walk(tree, check)

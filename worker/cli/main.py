@@ -1,4 +1,4 @@
-"""tokenheap command line: fit, schemas, worker, dlq, config-docs."""
+"""tokenheap: count, budget and fit the context of LLM calls (fit, send, tail, worker, dlq)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,48 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TextIO
 
 from worker.build import build_engine, limits_of
-from worker.catalog import load_catalog
+from worker.catalog import Catalog, load_catalog
 from worker.count.backends import BackendName
 from worker.engine.decode import Limits
 from worker.engine.engine import Engine
 from worker.engine.result import FitResult
-from worker.errors import ConfigError
+from worker.errors import TokenheapError
 from worker.settings import Settings
 from worker.telemetry.hooks import NoopTelemetry, Telemetry
 
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tokenheap", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    fit = sub.add_parser("fit", help="fit requests from a .json/.jsonl file or - (stdin)")
-    fit.add_argument("source", help="a request .json, a .jsonl of requests, or - for stdin")
+EXIT_CODES = """exit codes:
+  0  every request got an ok result (or the command did what it was asked)
+  1  some request got an error result, or no answer (send), or output was cut short
+  2  usage or configuration error: a bad option, input file or setting"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from worker import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="tokenheap", description=__doc__, epilog=EXIT_CODES, formatter_class=fmt
+    )
+    parser.add_argument("--version", action="version", version=f"tokenheap {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    fit = sub.add_parser(
+        "fit",
+        help="fit requests from a file or stdin, locally (no broker)",
+        description="Fit requests locally and print one result per request. The input is "
+        "one JSON document or JSON lines (.jsonl, .ndjson), told apart by content.",
+        epilog=EXIT_CODES,
+        formatter_class=fmt,
+    )
+    fit.add_argument("source", help="a request .json, a .jsonl/.ndjson of requests, or - for stdin")
     fit.add_argument("--table", action="store_true", help="a human view instead of JSON")
     fit.add_argument(
         "--backend",
@@ -40,83 +59,219 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--jobs",
         type=int,
         default=0,
-        help="processes for a .jsonl file (default: one per core for files over 4 MB)",
+        help="processes for a JSON lines file (default: one per core for files over 4 MB)",
+    )
+    send = sub.add_parser(
+        "send",
+        help="send requests to a running worker and print its results",
+        description="Produce requests to TOKENHEAP_REQUESTS_TOPIC and print each result "
+        "from TOKENHEAP_RESULTS_TOPIC as it arrives, matched by its request_id header.",
+        epilog=EXIT_CODES,
+        formatter_class=fmt,
+    )
+    send.add_argument("source", help="a request .json, a .jsonl/.ndjson of requests, or -")
+    send.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the answers after sending (default 30)",
+    )
+    send.add_argument("--table", action="store_true", help="a human view instead of JSON")
+    tail = sub.add_parser(
+        "tail",
+        help="print a topic's messages as JSON lines (read_committed)",
+        description="Print the results (default), alerts or dead letters as JSON lines.",
+    )
+    which = tail.add_mutually_exclusive_group()
+    which.add_argument(
+        "--results", dest="topic", action="store_const", const="results",
+        help="TOKENHEAP_RESULTS_TOPIC (the default)",
+    )  # fmt: skip
+    which.add_argument(
+        "--alerts", dest="topic", action="store_const", const="alerts",
+        help="TOKENHEAP_ALERTS_TOPIC",
+    )  # fmt: skip
+    which.add_argument(
+        "--dead-letters", dest="topic", action="store_const", const="dead_letter",
+        help="TOKENHEAP_DEAD_LETTER_TOPIC",
+    )  # fmt: skip
+    tail.add_argument(
+        "--from-beginning", action="store_true", help="start at the oldest message, not the end"
+    )
+    tail.add_argument("--limit", type=int, help="stop after this many messages")
+    tail.add_argument(
+        "--idle-timeout", type=float, help="stop after this many seconds without a message"
     )
     sch = sub.add_parser("schemas", help="write the JSON Schemas of the message contracts")
-    sch.add_argument("--out", type=Path, default=Path("schemas"))
+    sch.add_argument(
+        "--out", type=Path, default=Path("schemas"), help="folder to write (default schemas/)"
+    )
     sch.add_argument("--check", action="store_true", help="fail if schemas/ is out of date")
     sub.add_parser("config-docs", help="print the settings reference as a Markdown table")
-    sub.add_parser("worker", help="run the Kafka worker")
+    sub.add_parser(
+        "worker",
+        help="run the Kafka worker",
+        description="Consume requests, publish results; health on TOKENHEAP_HEALTH_PORT.",
+    )
     dlq = sub.add_parser("dlq", help="list or replay dead letters")
-    dlq.add_argument("action", choices=["list", "replay"])
-    dlq.add_argument("--limit", type=int, default=100)
-    args = parser.parse_args(argv)
+    dlq.add_argument(
+        "action", choices=["list", "replay"], help="list: print letters; replay: re-publish them"
+    )
+    dlq.add_argument("--limit", type=int, default=100, help="most letters to handle (default 100)")
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        if args.cmd == "fit":
-            return _fit(args.source, args.table, args.backend, args.jobs)
-        if args.cmd == "schemas":
-            from worker.schemas import check_schemas, write_schemas
+        return _run(args)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly; Python would otherwise complain
+        # again while flushing stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except UnicodeDecodeError as exc:
+        from worker.cli.inputs import not_text
 
-            if args.check:
-                stale = check_schemas(args.out)
-                for name in stale:
-                    print(f"out of date: {args.out / name} (run `tokenheap schemas`)")
-                return 1 if stale else 0
-            for path in write_schemas(args.out):
-                print(path)
-            return 0
-        if args.cmd == "config-docs":
-            from worker.settings import reference_table
-
-            print(reference_table())
-            return 0
-        if args.cmd == "worker":
-            return _worker(Settings())
-        if args.cmd == "dlq":
-            from worker.stream.dlq import run_dlq
-
-            return run_dlq(Settings(), args.action, args.limit)
-    except ConfigError as exc:
+        print(f"tokenheap: {not_text(getattr(args, 'source', 'input'), exc)}", file=sys.stderr)
+        return 2
+    except TokenheapError as exc:  # ConfigError, bad input, an unreachable broker
         print(f"tokenheap: {exc}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from worker.cli.config import check_limits, load_settings
+
+    if args.cmd == "fit":
+        return _fit(load_settings(), args.source, args.table, args.backend, args.jobs)
+    if args.cmd == "send":
+        settings = load_settings()
+        check_limits(settings)
+        return _send(settings, args.source, args.timeout, args.table)
+    if args.cmd == "tail":
+        settings = load_settings()
+        return _tail(settings, args.topic or "results", args.from_beginning, args.limit,
+                     args.idle_timeout)  # fmt: skip
+    if args.cmd == "schemas":
+        from worker.schemas import check_schemas, write_schemas
+
+        if args.check:
+            stale = check_schemas(args.out)
+            for name in stale:
+                print(f"out of date: {args.out / name} (run `tokenheap schemas`)")
+            return 1 if stale else 0
+        for path in write_schemas(args.out):
+            print(path)
+        return 0
+    if args.cmd == "config-docs":
+        from worker.settings import reference_table
+
+        print(reference_table())
+        return 0
+    if args.cmd == "worker":
+        from worker.cli.preflight import check_requests_topic
+
+        settings = load_settings()
+        check_limits(settings)
+        asyncio.run(check_requests_topic(settings))
+        return _worker(settings)
+    if args.cmd == "dlq":
+        from worker.stream.dlq import run_dlq
+
+        return run_dlq(load_settings(), args.action, args.limit)
     return 2
 
 
-def _fit(source: str, table: bool, backend: BackendName | None, jobs: int) -> int:
-    settings = Settings()
+def _send(settings: Settings, source: str, timeout_s: float, table: bool) -> int:
+    from worker.cli.inputs import read_requests
+    from worker.cli.send import outbound, send
+
+    view = table_view(load_catalog(settings.config_dir)) if table else None
+    requests = read_requests(source)
+    try:
+        batch = outbound(list(requests.texts))
+    finally:
+        requests.close()
+
+    def emit(value: bytes) -> None:
+        if view is not None:
+            sys.stdout.write(view(FitResult.model_validate_json(value)) + "\n")
+        else:
+            sys.stdout.write(value.decode("utf-8", "replace") + "\n")
+        sys.stdout.flush()
+
+    report = asyncio.run(send(settings, batch, timeout_s=timeout_s, emit=emit, err=sys.stderr))
+    return report.exit_code
+
+
+def _tail(
+    settings: Settings, which: str, from_beginning: bool, limit: int | None, idle: float | None
+) -> int:
+    from worker.cli.send import tail
+
+    topic = str(getattr(settings, f"{which}_topic"))
+
+    def emit(value: bytes) -> None:
+        sys.stdout.write(value.decode("utf-8", "replace") + "\n")
+        sys.stdout.flush()
+
+    asyncio.run(
+        tail(settings, topic, from_beginning=from_beginning, limit=limit, idle_s=idle, emit=emit)
+    )
+    return 0
+
+
+def _fit(
+    settings: Settings, source: str, table: bool, backend: BackendName | None, jobs: int
+) -> int:
+    from worker.cli.inputs import read_requests
+
     if backend is None and settings.count_backend == "auto":
         backend = "tiktoken"  # a short-lived process: load time beats counting speed
     limits = limits_of(settings)
     out = sys.stdout
-    single = source != "-" and not source.endswith(".jsonl")
-    if not single and source != "-":
-        if jobs == 0:
-            big = os.path.getsize(source) > PARALLEL_MIN_BYTES
-            jobs = min(os.cpu_count() or 1, 2) if big else 1
-        if jobs > 1:
-            return _fit_jobs(settings, backend, source, limits, table, jobs)
-    engine = build_engine(settings, backend)
-    from worker.telemetry.logs import configure_logging
+    requests = read_requests(source)
+    pretty = requests.document or source.endswith(".json")
+    if not requests.document and source != "-":
+        from worker.cli.progress import wants_progress, with_progress
 
-    configure_logging("WARNING", json_lines=settings.log_format == "json")  # stdout is data
-    otel = None
-    if _exporting():  # otherwise nothing would receive it: skip the SDK altogether
-        from worker.telemetry.otel import build_telemetry
+        size = os.path.getsize(source)
+        if wants_progress(size):
+            requests.texts = with_progress(requests.texts, size)
+    try:
+        if not requests.document and source != "-":
+            if jobs == 0:
+                big = os.path.getsize(source) > PARALLEL_MIN_BYTES
+                jobs = min(os.cpu_count() or 1, 2) if big else 1
+            if jobs > 1:
+                return _fit_jobs(settings, backend, requests.texts, limits, table, jobs)
+        engine = build_engine(settings, backend)
+        from worker.telemetry.logs import configure_logging
 
-        otel = build_telemetry(catalog=engine.catalog, anthropic=lambda: engine.anthropic_started)
-    telemetry: Telemetry = otel or NoopTelemetry()
-    with _open(source) as stream:
-        lines: list[str] | TextIO = [stream.read().replace("\n", " ")] if single else stream
+        configure_logging("WARNING", json_lines=settings.log_format == "json")  # stdout is data
+        otel = None
+        if _exporting():  # otherwise nothing would receive it: skip the SDK altogether
+            from worker.telemetry.otel import build_telemetry
+
+            otel = build_telemetry(
+                catalog=engine.catalog, anthropic=lambda: engine.anthropic_started
+            )
+        telemetry: Telemetry = otel or NoopTelemetry()
         try:
             with otel.run() if otel else nullcontext():
                 failed = asyncio.run(
-                    _emit(engine, lines, limits, out, table, pretty=single, telemetry=telemetry)
+                    _emit(engine, requests.texts, limits, out, table, pretty, telemetry)
                 )
         finally:
             if otel:
                 otel.shutdown()
-    return 1 if failed and single else 0
+    finally:
+        requests.close()
+    return 1 if failed else 0
 
 
 _EXPORT_VARS = (
@@ -135,13 +290,9 @@ def _exporting() -> bool:
     return any(os.environ.get(v, "").strip() not in ("", "none") for v in _EXPORT_VARS)
 
 
-def _open(source: str) -> TextIO:
-    return sys.stdin if source == "-" else open(source, encoding="utf-8")
-
-
 async def _emit(
     engine: Engine,
-    lines: list[str] | TextIO,
+    lines: Iterable[str],
     limits: Limits,
     out: TextIO,
     table: bool,
@@ -149,8 +300,8 @@ async def _emit(
     telemetry: Telemetry,
 ) -> int:
     from worker.cli.fitfile import fit_lines
-    from worker.cli.table import render_table
 
+    view = table_view(engine.catalog) if table else None
     failed = 0
     last = time.perf_counter()
     try:
@@ -159,8 +310,8 @@ async def _emit(
             telemetry.on_result(None, result, now - last)
             last = now
             failed += result.status != "ok"
-            if table:
-                out.write(render_table(result))
+            if view is not None:
+                out.write(view(result))
             else:
                 out.write(_dump(result, pretty))
             out.write("\n")
@@ -197,23 +348,38 @@ def _worker(settings: Settings) -> int:
 def _fit_jobs(
     settings: Settings,
     backend: BackendName | None,
-    source: str,
+    lines: Iterable[str],
     limits: Limits,
     table: bool,
     jobs: int,
 ) -> int:
     from worker.cli.fitjobs import fit_parallel
-    from worker.cli.table import render_table
+
+    view = table_view(load_catalog(settings.config_dir)) if table else None
 
     def fmt(result: FitResult) -> str:
-        return (render_table(result) if table else _dump(result, False)) + "\n"
+        return (view(result) if view is not None else _dump(result, False)) + "\n"
 
-    with open(source, encoding="utf-8") as stream:
-        for text, _ in fit_parallel(
-            lambda: build_engine(settings, backend), stream, limits, fmt, jobs
-        ):
-            sys.stdout.write(text)
-    return 0
+    failed = 0
+    make = lambda: build_engine(settings, backend)  # noqa: E731 - called in the parent
+    for text, bad in fit_parallel(make, lines, limits, fmt, jobs):
+        sys.stdout.write(text)
+        failed += bad
+    return 1 if failed else 0
+
+
+def table_view(catalog: Catalog) -> Callable[[FitResult], str]:
+    """`--table`: each slot against its profile's share; colour when stdout is a terminal."""
+    from worker.cli.table import render_table
+
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+    def view(result: FitResult) -> str:
+        profile = catalog.profiles.get(result.profile or "")
+        shares = profile.shares.model_dump() if profile is not None else None
+        return render_table(result, shares, color=color)
+
+    return view
 
 
 def _dump(result: FitResult, pretty: bool) -> str:

@@ -164,3 +164,5 @@ class FitResult(_Out):
     prompt_cache_key: str | None = None
     """OpenAI: pass as `prompt_cache_key` (when configured), to route turns of one
     conversation or pipeline to the same cache."""
+    metadata: dict[str, Any] | None = None
+    """The request's `metadata`, echoed unchanged so a caller can route its answer."""

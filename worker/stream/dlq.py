@@ -197,7 +197,7 @@ async def replay_dead_letters(settings: Settings, limit: int) -> ReplayReport:
         isolation_level="read_committed",
     )
     sources = AIOKafkaConsumer(**common, enable_auto_commit=False, isolation_level="read_committed")
-    producer = AIOKafkaProducer(**producer_kwargs(common))
+    producer = AIOKafkaProducer(**producer_kwargs(common, settings.max_message_bytes))
     report = ReplayReport()
     blocked: set[TopicPartition] = set()
     try:

@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -26,6 +26,7 @@ from worker.engine.request import AssemblyRequest
 from worker.errors import InvalidRequest
 from worker.stream.ledger import OffsetLedger
 from worker.stream.publish import Done, Outgoing, Source
+from worker.telemetry.instruments import KafkaSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ MAX_BATCH = 500
 OFFLOAD_BYTES = 256 * 1024
 """Requests larger than this are parsed off the event loop."""
 SETTLE_AFTER_CANCEL_S = 5.0
+CLOSE_RESERVE_S = 5.0
+"""Of a shutdown's deadline, what is kept back from in-flight records for the final commit
+and the releases (a third of the deadline when that is shorter)."""
 
 Publish = Callable[[Sequence[Outgoing]], Awaitable[None]]
 """Given to the handler: publish this record's messages (once), in its partition's order."""
@@ -74,6 +78,8 @@ class FlowLimits:
     commit_interval_s: float = 1.0
     settle_timeout_s: float = 20.0
     """How long a revoke or a shutdown waits for in-flight records before cutting them off."""
+    request_timeout_s: float = 30.0
+    """Bound on every await on the broker the flow makes (commits, offsets, transactions)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -118,8 +124,14 @@ class Flow:
         sink: Sink,
         handler: Handler,
         limits: FlowLimits,
+        *,
+        suspect: Callable[[], None] = lambda: None,
     ) -> None:
+        """`suspect` is told when a broker call failed or timed out (the outage watch)."""
         self._consumer = consumer
+        self._suspect = suspect
+        self._commit_warned = False
+        self._pending_commit: asyncio.Future[None] | None = None
         self._sink = sink
         self._handler = handler
         self._limits = limits
@@ -132,6 +144,12 @@ class Flow:
         self._wake = asyncio.Event()
         self.failure: BaseException | None = None
         self.listener: ConsumerRebalanceListener = _Listener(self)
+        self.joined = False
+        """Set once the group has answered our first join (with or without partitions)."""
+        self.on_commit: Callable[[float], None] | None = None
+        """Metric hook: seconds one commit took."""
+        self.on_rebalance: Callable[..., None] | None = None
+        """Metric hook: `(kind="assigned"|"revoked", partitions=n)`."""
 
     # -- state --------------------------------------------------------------------------
 
@@ -144,13 +162,42 @@ class Flow:
             and self._sink.ready()
         )
 
+    def member(self) -> bool:
+        """Ready in the orchestrator's sense: in the group and able to publish. Unlike
+        `ready`, owning no partition (a spare replica) or rebalancing does not count."""
+        return self.joined and not self._draining and self.failure is None and self._sink.ready()
+
+    def assignment(self) -> list[tuple[str, int]]:
+        """The partitions this worker processes now, sorted."""
+        return sorted((tp.topic, tp.partition) for tp in self._parts)
+
+    def paused(self) -> int:
+        """How many partitions backpressure holds paused now."""
+        return len(self._paused)
+
+    def snapshot(self) -> KafkaSnapshot:
+        """For the gauges: per owned partition, the log end (last fetched highwater) minus
+        the lowest offset not yet done; partitions with nothing fetched yet are left out."""
+        lag: dict[tuple[str, int], int] = {}
+        for tp in list(self._parts):
+            end = self._consumer.highwater(tp)
+            start = self._ledger.next_offset(tp)
+            if end is not None and start is not None:
+                lag[(tp.topic, tp.partition)] = max(0, end - start)
+        return KafkaSnapshot(
+            lag=lag,
+            in_flight=self._in_flight,
+            paused_partitions=len(self._paused),
+            assigned_partitions=len(self._parts),
+        )
+
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
     def _fail(self, exc: BaseException) -> None:
         if self.failure is None:
-            log.error("stopping: %s: %s", type(exc).__name__, exc)
+            log.error("stopping: %s", _why(exc) or f"{type(exc).__name__} (Kafka did not answer)")
             self.failure = exc
         self._wake.set()
 
@@ -174,7 +221,12 @@ class Flow:
                     await asyncio.wait_for(self._wake.wait(), POLL_MS / 1000)
             self._backpressure()
             if loop.time() >= next_commit:
-                await self._commit(list(self._parts))
+                commit = asyncio.ensure_future(self._commit(list(self._parts)))
+                if not await _done_unless_stopped(stop, commit):
+                    # Left running, not cancelled: a transaction cut off mid-commit leaves its
+                    # producer unusable. The drain awaits it within its deadline.
+                    self._pending_commit = commit
+                    break
                 next_commit = loop.time() + self._limits.commit_interval_s
 
     async def _fetch(
@@ -304,10 +356,14 @@ class Flow:
         live = [tp for tp in tps if tp in self._parts and not self._parts[tp].torn]
         if not live:
             return
+        began = asyncio.get_running_loop().time()
+        bound = self._limits.request_timeout_s
         if self._sink.commits_offsets:
             try:
-                committed = await self._sink.commit(live, self._ledger.next_offset)
+                async with asyncio.timeout(bound):
+                    committed = await self._sink.commit(live, self._ledger.next_offset)
             except Exception as exc:
+                self._suspect()
                 if fatal:
                     self._fail(exc)
                 else:
@@ -320,17 +376,25 @@ class Flow:
             if not committed:
                 return
             try:
-                await self._consumer.commit(committed)
+                async with asyncio.timeout(bound):
+                    await self._consumer.commit(committed)
             except (CommitFailedError, IllegalStateError) as exc:
                 log.warning("commit skipped, the group is rebalancing (%s)", type(exc).__name__)
                 return
-            except KafkaError as exc:
-                log.warning(
-                    "commit failed, retrying next interval (%s: %s)", type(exc).__name__, exc
-                )
+            except (KafkaError, TimeoutError) as exc:
+                self._suspect()
+                if not self._commit_warned:  # once until one succeeds: an outage is logged apart
+                    log.warning(
+                        "commit failed, retrying every interval (%s)",
+                        _why(exc) or f"no answer in {bound:.0f} s",
+                    )
+                    self._commit_warned = True
                 return
+            self._commit_warned = False
         self._ledger.committed(committed)
         if committed:
+            if self.on_commit is not None:
+                self.on_commit(asyncio.get_running_loop().time() - began)
             log.debug("committed %s", _fmt(committed))
 
     # -- rebalance ----------------------------------------------------------------------
@@ -344,9 +408,11 @@ class Flow:
         self._assigning = True
         self._consumer.pause(*new)
         try:
-            await self._sink.assigned(new)
-            await self._rewind(new)
+            async with asyncio.timeout(self._limits.request_timeout_s):
+                await self._sink.assigned(new)
+                await self._rewind(new)
         except Exception as exc:  # aiokafka would only log it
+            self._suspect()
             self._fail(exc)
             return
         finally:
@@ -358,6 +424,8 @@ class Flow:
             self._parts[tp] = _PartitionFlow(tp, first)
             self._paused.discard(tp)
         self._consumer.resume(*new)
+        if self.on_rebalance is not None:
+            self.on_rebalance(kind="assigned", partitions=len(new))
         log.info("assigned %s", _fmt_tps(new))
 
     async def _rewind(self, tps: Sequence[TopicPartition]) -> None:
@@ -375,37 +443,61 @@ class Flow:
             p.closing = True
         await self._settle(parts)
         await self._close(parts)
+        if self.on_rebalance is not None:
+            self.on_rebalance(kind="revoked", partitions=len(parts))
         log.info("revoked %s", _fmt_tps(p.tp for p in parts))
 
-    async def _settle(self, parts: Sequence[_PartitionFlow]) -> tuple[int, int]:
-        """Wait for the partitions' records, cancel what is left at the deadline; returns
-        (finished, cut off)."""
+    async def _settle(
+        self, parts: Sequence[_PartitionFlow], until: float | None = None
+    ) -> tuple[int, int]:
+        """Wait for the partitions' records (until the loop time `until`, else the settle
+        timeout), cancel what is left; returns (finished, cut off)."""
         tasks = {t for p in parts for t in p.tasks}
         if not tasks:
             return 0, 0
-        _, pending = await asyncio.wait(tasks, timeout=self._limits.settle_timeout_s)
+        loop = asyncio.get_running_loop()
+        wait_s = self._limits.settle_timeout_s
+        if until is not None:
+            wait_s = max(0.0, min(wait_s, until - loop.time()))
+        _, pending = await asyncio.wait(tasks, timeout=wait_s)
         if pending:
             log.warning(
                 "%d records still in flight after %.0f s; cutting them off (they are read "
                 "again from the committed offset)",
                 len(pending),
-                self._limits.settle_timeout_s,
+                wait_s,
             )
             for t in pending:
                 t.cancel()
             await asyncio.wait(pending, timeout=SETTLE_AFTER_CANCEL_S)
         return len(tasks) - len(pending), len(pending)
 
-    async def _close(self, parts: Sequence[_PartitionFlow]) -> None:
+    async def _close(self, parts: Sequence[_PartitionFlow], until: float | None = None) -> None:
+        """Commit, abort torn transactions, release the sink: every step on the broker
+        bounded (by `until`, a loop time, else the request timeout), so a dead broker cannot
+        hold a revoke or a shutdown; what was not committed is read again by the next owner."""
         tps = [p.tp for p in parts]
+        if until is None:
+            until = asyncio.get_running_loop().time() + self._limits.request_timeout_s
+        pending = self._pending_commit
+        self._pending_commit = None
         try:
-            await self._commit(tps, fatal=False)
-            for p in parts:
-                if p.torn:
-                    await self._sink.abort(p.tp)
-            await self._sink.revoked(tps)
+            async with asyncio.timeout_at(until):
+                if pending is not None:
+                    await pending
+                await self._commit(tps, fatal=False)
+                for p in parts:
+                    if p.torn:
+                        await self._sink.abort(p.tp)
+                await self._sink.revoked(tps)
         except Exception as exc:  # the next owner re-reads what is uncommitted
-            log.warning("releasing %s: %s: %s", _fmt_tps(tps), type(exc).__name__, exc)
+            self._suspect()
+            log.warning(
+                "releasing %s: %s%s (what was not committed is read again)",
+                _fmt_tps(tps),
+                type(exc).__name__,
+                f": {exc}" if str(exc) else " (the broker did not answer in time)",
+            )
         finally:
             for tp in tps:
                 self._parts.pop(tp, None)
@@ -414,14 +506,38 @@ class Flow:
 
     # -- shutdown -----------------------------------------------------------------------
 
-    async def drain(self) -> None:
-        """Stop fetching, let in-flight records finish (bounded), commit, release the sink."""
+    async def drain(self, deadline: float | None = None) -> None:
+        """Stop fetching, let in-flight records finish, commit, release the sink; all of it
+        by `deadline` (a loop time; default: the settle timeout plus the request timeout).
+        Records get all but a reserve of the time, the commit and releases get the reserve."""
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self._limits.settle_timeout_s + self._limits.request_timeout_s
+        reserve = min(CLOSE_RESERVE_S, max(0.0, deadline - loop.time()) / 3)
         self._draining = True
         self._backpressure()
         parts = list(self._parts.values())
-        finished, cut_off = await self._settle(parts)
-        await self._close(parts)
+        finished, cut_off = await self._settle(parts, until=deadline - reserve)
+        await self._close(parts, until=deadline)
         log.info("drained: %d records finished, %d cut off", finished, cut_off)
+
+    async def abandon(self) -> int:
+        """Cut off every in-flight record and forget every partition without committing
+        (the clients are being replaced after a broker failure): the next session reads
+        them again from the committed offsets. Returns how many were cut off."""
+        self._draining = True
+        tasks = {t for p in self._parts.values() for t in p.tasks}
+        for p in self._parts.values():
+            p.torn = True  # nothing of this session may be committed any more
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=SETTLE_AFTER_CANCEL_S)
+        for tp in list(self._parts):
+            self._parts.pop(tp, None)
+            self._ledger.forget(tp)
+        self._paused.clear()
+        return len(tasks)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -435,6 +551,24 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         await self._flow._assigned(assigned)
+        self._flow.joined = True
+
+
+async def _done_unless_stopped(stop: asyncio.Event, task: asyncio.Future[None]) -> bool:
+    """Wait for `task` unless `stop` is set first: False then (the task goes on)."""
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    either: set[asyncio.Future[Any]] = {task, stopped}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()
+        return True
+    return False
+
+
+def _why(exc: BaseException) -> str:
+    """`Type: message`, or empty for a bare timeout (its message is empty)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else ""
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

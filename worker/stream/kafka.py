@@ -63,6 +63,32 @@ def client_kwargs(settings: Settings, client_id: str = "tokenheap") -> dict[str,
     return kwargs
 
 
+def consumer_tuning(settings: Settings) -> dict[str, Any]:
+    """The consumer's failover settings: how fast a dead member's partitions move
+    (session, heartbeat), how long a request may take, and the longest gap between fetches."""
+    if settings.kafka_heartbeat_interval_s >= settings.kafka_session_timeout_s:
+        raise ConfigError(
+            "TOKENHEAP_KAFKA_HEARTBEAT_INTERVAL_S must be below TOKENHEAP_KAFKA_SESSION_TIMEOUT_S "
+            f"({settings.kafka_heartbeat_interval_s} >= {settings.kafka_session_timeout_s})"
+        )
+    return {
+        "session_timeout_ms": _ms(settings.kafka_session_timeout_s),
+        "heartbeat_interval_ms": _ms(settings.kafka_heartbeat_interval_s),
+        "max_poll_interval_ms": _ms(settings.kafka_max_poll_interval_s),
+        "request_timeout_ms": _ms(settings.kafka_request_timeout_s),
+    }
+
+
+def producer_tuning(settings: Settings) -> dict[str, Any]:
+    """aiokafka's producer `request_timeout_ms` is its delivery timeout: a message not
+    acknowledged within it fails with KafkaTimeoutError (then the worker restarts its clients)."""
+    return {"request_timeout_ms": _ms(settings.kafka_delivery_timeout_s)}
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
 class BrokerRefused(ConfigError):
     """The broker answered but will not let us in: credentials, mechanism or TLS trust.
     The same settings fail the same way every time, so this stops at once, never retries."""

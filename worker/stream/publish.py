@@ -32,10 +32,21 @@ from worker.telemetry.hooks import Telemetry
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 1_048_576
-"""aiokafka's `max_request_size` and the broker's default `message.max.bytes` (about 1 MiB)."""
-MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES - 16_384
-"""What one value may take, leaving room for key, headers and record overhead."""
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
+"""The broker's default `message.max.bytes` (1 MiB): the default of TOKENHEAP_MAX_MESSAGE_BYTES,
+which becomes the producer's `max_request_size`."""
+RECORD_OVERHEAD_BYTES = 16_384
+"""Room kept for key, headers and record framing when sizing a value."""
+MAX_VALUE_BYTES = DEFAULT_MAX_MESSAGE_BYTES - RECORD_OVERHEAD_BYTES
+"""What one value may take under the default message size."""
+REQUEST_ID_HEADER = "request_id"
+"""Header of every result and alert: the request it answers (match on it, not on the key)."""
+
+
+def value_limit(max_message_bytes: int) -> int:
+    """What one value may take when messages may be `max_message_bytes` long."""
+    return max(1, max_message_bytes - RECORD_OVERHEAD_BYTES)
+
 
 Done = Callable[[], None]
 
@@ -53,10 +64,13 @@ class Outgoing:
 # -- messages -------------------------------------------------------------------------
 
 
-def result_message(topic: str, result: FitResult, key: str) -> Outgoing:
-    """A result keyed by conversation (else request) so one conversation stays in order."""
+def result_message(
+    topic: str, result: FitResult, key: str, max_value_bytes: int = MAX_VALUE_BYTES
+) -> Outgoing:
+    """A result keyed by conversation (else request) so one conversation stays in order; the
+    `request_id` header says which request it answers."""
     value = result.model_dump_json(exclude_none=True).encode()
-    if len(value) > MAX_MESSAGE_BYTES:
+    if len(value) > max_value_bytes:
         log.warning("%s: result of %d bytes is too large to publish", result.request_id, len(value))
         result = FitResult(
             request_id=result.request_id,
@@ -65,19 +79,26 @@ def result_message(topic: str, result: FitResult, key: str) -> Outgoing:
             error=ErrorInfo(
                 code="result_too_large",
                 message=f"the fitted result is {len(value)} bytes, over the "
-                f"{MAX_MESSAGE_BYTES}-byte message limit; lower budget.max_context_tokens",
+                f"{max_value_bytes}-byte message limit; lower budget.max_context_tokens "
+                "or raise TOKENHEAP_MAX_MESSAGE_BYTES (and the broker's message.max.bytes)",
             ),
             tenant=result.tenant,
             pipeline=result.pipeline,
             conversation_id=result.conversation_id,
+            metadata=result.metadata,
         )
         value = result.model_dump_json(exclude_none=True).encode()
-    return Outgoing(topic, key.encode(), value)
+    return Outgoing(topic, key.encode(), value, _request_header(result.request_id))
 
 
 def alert_message(topic: str, alert: AlertMessage) -> Outgoing:
     key = alert.request_id or alert.type
-    return Outgoing(topic, key.encode(), alert.model_dump_json(exclude_none=True).encode())
+    value = alert.model_dump_json(exclude_none=True).encode()
+    return Outgoing(topic, key.encode(), value, _request_header(alert.request_id))
+
+
+def _request_header(request_id: str | None) -> tuple[tuple[str, bytes], ...]:
+    return ((REQUEST_ID_HEADER, request_id.encode()),) if request_id else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +127,7 @@ def dead_letter_message(
     reason_code: str,
     reason: str,
     group_id: str,
-    max_bytes: int = MAX_MESSAGE_BYTES,
+    max_bytes: int = MAX_VALUE_BYTES,
 ) -> Outgoing:
     """The original record (key, value, headers: null, empty and binary kept apart) in base64,
     with why and where from. When that letter would not fit in `max_bytes` (an original over
@@ -231,12 +252,14 @@ def _when_all(futures: Sequence[asyncio.Future[Any]], done: Done | None) -> asyn
     return out
 
 
-def producer_kwargs(common: dict[str, Any]) -> dict[str, Any]:
+def producer_kwargs(
+    common: dict[str, Any], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> dict[str, Any]:
     """Durable and ordered: idempotence implies acks=all and no reordering on retry."""
     return {
         **common,
         "enable_idempotence": True,
-        "max_request_size": MAX_REQUEST_BYTES,
+        "max_request_size": max_message_bytes,
         "max_batch_size": 256 * 1024,
         "linger_ms": 2,
     }
@@ -247,8 +270,13 @@ class IdempotentPublisher:
 
     commits_offsets = False
 
-    def __init__(self, common: dict[str, Any], telemetry: Telemetry) -> None:
-        self._producer = AIOKafkaProducer(**producer_kwargs(common))
+    def __init__(
+        self,
+        common: dict[str, Any],
+        telemetry: Telemetry,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._producer = AIOKafkaProducer(**producer_kwargs(common, max_message_bytes))
         self._telemetry = telemetry
         self._healthy = False
 
@@ -310,8 +338,15 @@ class TransactionalPublisher:
 
     commits_offsets = True
 
-    def __init__(self, common: dict[str, Any], group_id: str, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        common: dict[str, Any],
+        group_id: str,
+        telemetry: Telemetry,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self._common = common
+        self._max_message_bytes = max_message_bytes
         self._group_id = group_id
         self._telemetry = telemetry
         self._txns: dict[TopicPartition, _Txn] = {}
@@ -332,7 +367,7 @@ class TransactionalPublisher:
         new = [tp for tp in tps if tp not in self._txns]
         producers = {
             tp: AIOKafkaProducer(
-                **producer_kwargs(self._common),
+                **producer_kwargs(self._common, self._max_message_bytes),
                 transactional_id=transactional_id(self._group_id, tp),
             )
             for tp in new

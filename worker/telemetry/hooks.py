@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from worker.engine.request import AssemblyRequest
 from worker.engine.result import FitResult
 from worker.engine.stage import SpanLike
 from worker.telemetry.alerts import AlertMessage
+
+if TYPE_CHECKING:  # the OpenTelemetry API loads only when telemetry is on
+    from worker.telemetry.instruments import KafkaSource
 
 KafkaHeaders = Sequence[tuple[str, bytes]]
 
@@ -48,6 +51,26 @@ class Telemetry(Protocol):
     @contextmanager
     def send(self, *, topic: str) -> Iterator[SpanLike]:
         """A PRODUCER `send <topic>` span around one publish."""
+        ...
+
+    def watch_kafka(self, source: KafkaSource) -> None:
+        """Observe the consuming side's state (lag, in flight, paused) at each collection."""
+        ...
+
+    def on_rebalance(self, *, kind: str, partitions: int) -> None:
+        """`partitions` were assigned (`kind="assigned"`) or revoked."""
+        ...
+
+    def on_commit(self, duration_s: float) -> None:
+        """One offset (or transaction) commit took `duration_s`."""
+        ...
+
+    def on_kafka_outage_start(self) -> None:
+        """The broker stopped answering (counted when it starts, so it shows during it)."""
+        ...
+
+    def on_kafka_outage_end(self, duration_s: float) -> None:
+        """The broker answers again after `duration_s` seconds."""
         ...
 
 
@@ -86,3 +109,18 @@ class NoopTelemetry:
     @contextmanager
     def send(self, *, topic: str) -> Iterator[SpanLike]:
         yield _NoSpan()
+
+    def watch_kafka(self, source: KafkaSource) -> None:
+        return None
+
+    def on_rebalance(self, *, kind: str, partitions: int) -> None:
+        return None
+
+    def on_commit(self, duration_s: float) -> None:
+        return None
+
+    def on_kafka_outage_start(self) -> None:
+        return None
+
+    def on_kafka_outage_end(self, duration_s: float) -> None:
+        return None

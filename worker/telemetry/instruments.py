@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -20,6 +21,19 @@ class CallCounts(Protocol):
     calls: int
     failures: int
 
+
+@dataclass(frozen=True, slots=True)
+class KafkaSnapshot:
+    """The consuming side's state at one instant (what the gauges observe)."""
+
+    lag: Mapping[tuple[str, int], int]
+    """(topic, partition) -> records behind the log end, for owned partitions."""
+    in_flight: int
+    paused_partitions: int
+    assigned_partitions: int
+
+
+KafkaSource = Callable[[], KafkaSnapshot]
 
 AnthropicSource = CallCounts | Callable[[], CallCounts | None]
 """The counter itself, or a function returning it once it exists (the engine makes its
@@ -118,6 +132,17 @@ class Instruments:
             unit="{USD}",
             description="USD of fitted requests at list prices: expected input, worst-case output",
         )
+        self.kafka_outages = meter.create_counter(
+            names.METRIC_KAFKA_OUTAGES,
+            unit="{outage}",
+            description="Times the worker lost the Kafka broker (counted when noticed)",
+        )
+        self.kafka_outage_duration = meter.create_histogram(
+            names.METRIC_KAFKA_OUTAGE_DURATION,
+            unit="s",
+            description="How long each Kafka broker outage lasted, recorded when it ends",
+            explicit_bucket_boundaries_advisory=names.OUTAGE_BUCKETS,
+        )
         self.anthropic: AnthropicSource | None = anthropic
         """Read at each collection; settable later (the engine may start after telemetry)."""
         meter.create_observable_counter(
@@ -151,6 +176,64 @@ class Instruments:
             "by direction (over, under)",
             explicit_bucket_boundaries_advisory=names.DRIFT_BUCKETS,
         )
+
+        self.kafka: KafkaSource | None = None
+        """The flow's state, read at each collection; set when the worker starts."""
+        meter.create_observable_gauge(
+            names.METRIC_CONSUMER_LAG,
+            callbacks=[self._observe_lag],
+            unit="{message}",
+            description="Records behind the log end per owned partition (not yet done)",
+        )
+        for metric, field, unit, description in (
+            (names.METRIC_IN_FLIGHT, "in_flight", "{message}", "Records being processed"),
+            (
+                names.METRIC_PAUSED_PARTITIONS,
+                "paused_partitions",
+                "{partition}",
+                "Owned partitions paused by backpressure",
+            ),
+            (
+                names.METRIC_ASSIGNED_PARTITIONS,
+                "assigned_partitions",
+                "{partition}",
+                "Partitions this worker owns",
+            ),
+        ):
+            meter.create_observable_gauge(
+                metric, callbacks=[self._observe_kafka(field)], unit=unit, description=description
+            )
+        self.rebalances = meter.create_counter(
+            names.METRIC_REBALANCES,
+            unit="{partition}",
+            description="Partitions assigned to or revoked from this worker, by kind",
+        )
+        self.commit_duration = meter.create_histogram(
+            names.METRIC_COMMIT_DURATION,
+            unit="s",
+            description="Time one offset or transaction commit took",
+            explicit_bucket_boundaries_advisory=names.COMMIT_DURATION_BUCKETS,
+        )
+
+    def _observe_lag(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self.kafka is None:
+            return []
+        return [
+            Observation(
+                lag,
+                {
+                    names.MESSAGING_DESTINATION_NAME: topic,
+                    names.MESSAGING_DESTINATION_PARTITION_ID: str(partition),
+                },
+            )
+            for (topic, partition), lag in sorted(self.kafka().lag.items())
+        ]
+
+    def _observe_kafka(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            return [] if self.kafka is None else [Observation(getattr(self.kafka(), field))]
+
+        return callback
 
     def _observe(
         self, field: str, *, seconds: bool = False

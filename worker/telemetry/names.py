@@ -161,6 +161,25 @@ METRIC_COST: Final = "tokenheap.cost"
 ATTR_COST_PART: Final = "tokenheap.cost.part"
 """`input` (expected, prompt cache counted) or `output_worst_case` (the whole reserve)."""
 
+# Appended (operations): what a Kafka operator watches, per worker process.
+METRIC_CONSUMER_LAG: Final = "tokenheap.kafka.consumer.lag"
+"""Gauge per owned partition: the log end minus the lowest offset not yet done."""
+METRIC_IN_FLIGHT: Final = "tokenheap.kafka.in_flight"
+"""Gauge: records handed out and not yet done."""
+METRIC_PAUSED_PARTITIONS: Final = "tokenheap.kafka.paused_partitions"
+"""Gauge: owned partitions paused by backpressure."""
+METRIC_ASSIGNED_PARTITIONS: Final = "tokenheap.kafka.assigned_partitions"
+"""Gauge: partitions this process owns."""
+METRIC_REBALANCES: Final = "tokenheap.kafka.rebalances"
+"""Counter: partitions assigned or revoked, by `tokenheap.rebalance.kind`."""
+METRIC_COMMIT_DURATION: Final = "tokenheap.kafka.commit.duration"
+"""Histogram: time one offset commit (or transaction commit) took, seconds."""
+ATTR_REBALANCE_KIND: Final = "tokenheap.rebalance.kind"
+"""`assigned` or `revoked`."""
+COMMIT_DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+METRIC_KAFKA_OUTAGES: Final = "tokenheap.kafka.outages"
+METRIC_KAFKA_OUTAGE_DURATION: Final = "tokenheap.kafka.outage.duration"
+
 TOKEN_BUCKETS: Final = (
     1,
     4,
@@ -212,4 +231,6 @@ MESSAGING_DURATION_BUCKETS: Final = (
     10.0,
 )
 """Messaging `messaging.process.duration` boundaries, seconds."""
+OUTAGE_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+"""Broker outage lengths, seconds."""
 UTILIZATION_BUCKETS: Final = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)

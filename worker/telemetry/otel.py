@@ -37,7 +37,13 @@ from worker.engine.stage import _ACTIVE_TRACER, SpanLike, record_failure, stage
 from worker.telemetry import names, spans
 from worker.telemetry.alerts import AlertMessage, WindowStats
 from worker.telemetry.hooks import KafkaHeaders
-from worker.telemetry.instruments import AnthropicSource, Attrs, CardinalityCap, Instruments
+from worker.telemetry.instruments import (
+    AnthropicSource,
+    Attrs,
+    CardinalityCap,
+    Instruments,
+    KafkaSource,
+)
 from worker.telemetry.logs import REQUEST_LOGGER, log_result
 from worker.telemetry.setup import DEFAULT_SERVICE_NAME, TelemetryProviders, setup_telemetry
 from worker.telemetry.sustained import SustainedConfig, SustainedDetector, Transition
@@ -193,6 +199,12 @@ class OtelTelemetry:
                 record_failure(span, exc=exc)
                 raise
 
+    def on_kafka_outage_start(self) -> None:
+        self.instruments.kafka_outages.add(1)
+
+    def on_kafka_outage_end(self, duration_s: float) -> None:
+        self.instruments.kafka_outage_duration.record(duration_s)
+
     # -- beyond the protocol --------------------------------------------------------------
 
     @contextmanager
@@ -214,6 +226,15 @@ class OtelTelemetry:
                 yield span
         finally:
             _ACTIVE_TRACER.reset(token)
+
+    def watch_kafka(self, source: KafkaSource) -> None:
+        self.instruments.kafka = source
+
+    def on_rebalance(self, *, kind: str, partitions: int) -> None:
+        self.instruments.rebalances.add(partitions, {names.ATTR_REBALANCE_KIND: kind})
+
+    def on_commit(self, duration_s: float) -> None:
+        self.instruments.commit_duration.record(duration_s)
 
     def observe_anthropic(self, source: AnthropicSource | None) -> None:
         """Report this Anthropic counter's calls and failures (or a function returning it

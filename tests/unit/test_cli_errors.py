@@ -1,0 +1,170 @@
+"""A user's mistakes through the real CLI: one readable line on stderr, no traceback, and the
+documented exit code (0 all ok, 1 some error results, 2 usage or configuration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text(encoding="utf-8"))
+
+
+def run(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENHEAP_", "OTEL_"))}
+    data = stdin
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        input=data,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**clean, **env},
+        timeout=120,
+    )
+
+
+def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("tokenheap: "), proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda d: str(d / "nope.json"), "no such file"),
+        (lambda d: str(d), "is a directory"),
+        (lambda d: _write(d / "bin.jsonl", b"\x89PNG\r\n\x1a\n\x00\xff\xfe"), "not UTF-8 text"),
+    ],
+    ids=["missing", "directory", "binary"],
+)
+def test_an_unreadable_input_is_a_usage_error(tmp_path: Path, make: Any, says: str) -> None:
+    proc = run("fit", make(tmp_path))
+    assert proc.returncode == 2
+    no_traceback(proc)
+    assert says in proc.stderr
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "says"),
+    [
+        ("TOKENHEAP_MAX_IN_FLIGHT", "abc", "TOKENHEAP_MAX_IN_FLIGHT"),
+        ("TOKENHEAP_DELIVERY", "exactly_once", "'exactly-once'"),
+        ("TOKENHEAP_SETTINGS_FILE", "/nonexistent/tokenheap.yaml", "no such file"),
+    ],
+)
+def test_a_bad_setting_is_a_configuration_error(var: str, value: str, says: str) -> None:
+    proc = run("fit", "-", stdin=json.dumps(EXAMPLE), **{var: value})
+    assert proc.returncode == 2
+    no_traceback(proc)
+    assert says in proc.stderr and value in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_a_settings_file_that_is_not_yaml_is_a_configuration_error(tmp_path: Path) -> None:
+    bad = tmp_path / "settings.yaml"
+    bad.write_text("max_in_flight: [1,\n", encoding="utf-8")
+    proc = run("fit", "-", stdin=json.dumps(EXAMPLE), TOKENHEAP_SETTINGS_FILE=str(bad))
+    assert proc.returncode == 2
+    no_traceback(proc)
+    assert "is not valid YAML" in proc.stderr
+
+
+def test_a_misspelt_variable_is_named_with_its_likely_meaning() -> None:
+    proc = run("fit", "-", stdin=json.dumps(EXAMPLE), TOKENHEAP_BOOTSTRAP_SERVER="kafka:9092")
+    assert proc.returncode == 0, proc.stderr
+    assert "TOKENHEAP_BOOTSTRAP_SERVER is not a tokenheap setting" in proc.stderr
+    assert "did you mean TOKENHEAP_BOOTSTRAP_SERVERS?" in proc.stderr
+
+
+def test_contradicting_sizes_stop_the_worker_before_it_connects() -> None:
+    proc = run("worker", TOKENHEAP_MAX_REQUEST_BYTES="4194304")
+    assert proc.returncode == 2
+    no_traceback(proc)
+    assert "TOKENHEAP_MAX_MESSAGE_BYTES" in proc.stderr
+
+
+def test_a_health_port_in_use_is_a_configuration_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run(
+            "worker",
+            TOKENHEAP_HEALTH_PORT=str(port),
+            TOKENHEAP_BOOTSTRAP_SERVERS="127.0.0.1:1",
+            OTEL_SDK_DISABLED="true",
+        )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"health port 127.0.0.1:{port} is already in use" in proc.stderr
+
+
+def test_a_pretty_printed_document_on_stdin_is_one_request() -> None:
+    proc = run("fit", "-", stdin=json.dumps(EXAMPLE, indent=2))
+    assert proc.returncode == 0, proc.stderr
+    (result,) = [json.loads(proc.stdout)]  # one document back, not one line per line in
+    assert result["request_id"] == EXAMPLE["request_id"] and result["status"] == "ok"
+
+
+def test_ndjson_is_lines_and_error_results_exit_1(tmp_path: Path) -> None:
+    good = dict(EXAMPLE, request_id="a")
+    bad = dict(EXAMPLE, request_id="b", model="no-such-model")
+    src = tmp_path / "batch.ndjson"
+    src.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    proc = run("fit", str(src))
+    assert proc.returncode == 1
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(o["request_id"], o["status"]) for o in out] == [("a", "ok"), ("b", "error")]
+    src.write_text(json.dumps(good) + "\n", encoding="utf-8")
+    assert run("fit", str(src)).returncode == 0
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    src = tmp_path / "many.jsonl"
+    src.write_text(
+        "".join(json.dumps(dict(EXAMPLE, request_id=f"r{i}")) + "\n" for i in range(300)),
+        encoding="utf-8",
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TOKENHEAP_")}
+    proc = subprocess.run(
+        f"{sys.executable} -m worker fit {src} | head -c 10 > /dev/null; exit ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=clean,
+        timeout=120,
+    )
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1
+
+
+def test_version_and_help_on_every_command() -> None:
+    from worker import __version__
+    from worker.cli.main import _parser
+
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"tokenheap {__version__}"
+    parser = _parser()
+    subs = next(a for a in parser._actions if a.dest == "cmd")
+    choices: dict[str, Any] = subs.choices  # type: ignore[assignment]
+    helped = {a.dest for a in subs._choices_actions}  # type: ignore[attr-defined]
+    assert helped == set(choices)
+    for name, sub in choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    assert "exit codes" in run("--help").stdout

@@ -1,0 +1,44 @@
+"""A progress bar on stderr while a long file of requests is read, only on a terminal.
+
+Measured in bytes read, which runs slightly ahead of the results (fitting is pipelined);
+transient, so it leaves nothing behind in the terminal's scrollback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+PROGRESS_MIN_BYTES = 1024 * 1024
+"""Files smaller than this finish before a bar would be worth drawing."""
+
+
+def wants_progress(size: int, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> bool:
+    """A bar on stderr when it is a terminal and stdout is not (the results are the
+    progress when both are the terminal)."""
+    return size >= PROGRESS_MIN_BYTES and err.isatty() and not out.isatty()
+
+
+def with_progress(
+    lines: Iterable[str], total_bytes: int, console: Console | None = None
+) -> Iterator[str]:
+    """`lines`, unchanged, advancing a bar by the UTF-8 size of each."""
+    progress = Progress(
+        TextColumn("fitting"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        transient=True,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
+    with progress:
+        task = progress.add_task("fit", total=total_bytes)
+        for line in lines:
+            progress.advance(task, len(line.encode("utf-8")))
+            yield line
