@@ -1,14 +1,17 @@
-"""count_tokens calls and latency per Claude request: today's engine path against the new
-estimate-and-confirm loop, on a local count_tokens server that adds latency to every call.
+"""count_tokens calls and latency per Claude request: the old per-piece design against the
+engine's estimate-and-confirm path, on a local count_tokens server adding latency to each call.
 
     python -m benchmarks.claude_count_bench [--latency 0.15] [--requests 40] [--conversations 12]
 
 The server counts UTF-8 bytes / 3.3 plus framing (tests/support/anthropic_server.py, "bytes"
-mode): a tokenizer unlike the local o200k estimate. Today's path is the engine's
-(``Engine.fit`` with ``AnthropicCounter``: one call per distinct piece, then a confirmation).
-The new loop (worker/count/claude_fit.py) is driven by a minimal allocator here, on the same
-requests and the same budgets the engine computed, so calls and latency compare; the budget
-used is reported for both. Not a timed test: figures vary with the machine.
+mode): a tokenizer unlike the local o200k estimate. "old" is the design the engine had
+before issue 11, kept here only (``old_fit``): one call per distinct piece through
+``AnthropicCounter``, the allocator on those counts, a confirmation of the payload. "new" is
+``Engine.fit`` as shipped (worker/engine/fit_api.py): the local estimate at the learned
+ratio, the engine's allocator, one count of the final payload. Requests run one after the
+other on the same budgets; each design gets a fresh server and engine (a cold start). The
+limiter is set far above the calls made, so latency is the count calls, not the RPM.
+Not a timed test: figures vary with the machine.
 """
 
 from __future__ import annotations
@@ -21,27 +24,26 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import anthropic
-
-from worker.catalog import load_catalog
+from worker.catalog import ChatFraming, load_catalog
 from worker.count.anthropic_api import AnthropicCounter, make_client
 from worker.count.cache import CountCache
 from worker.count.claude_confirm import PayloadConfirmer
-from worker.count.claude_estimate import (
-    PayloadEstimator,
-    RatioLearner,
-    conversation_key,
-    load_claude_tokenizers,
-    o200k_text_counter,
-)
-from worker.count.claude_fit import fit_confirmed
 from worker.count.limiter import RateLimiter
+from worker.engine.allocate import allocate
+from worker.engine.budget import policy_for
+from worker.engine.costs import Costs
 from worker.engine.engine import Engine
+from worker.engine.fit_api import LOCAL_ENCODING
+from worker.engine.prepared import Prepared, prepare
+from worker.engine.report import build_result, error_result
 from worker.engine.request import AssemblyRequest
+from worker.engine.result import CacheUse, FitResult
+from worker.errors import CountingUnavailable, TokenheapError
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "claude-sonnet-4-5"
@@ -121,7 +123,7 @@ def unrelated(rng: random.Random, n: int) -> list[Job]:
 def conversations(rng: random.Random, n: int, turns: int) -> list[Job]:
     jobs: list[Job] = []
     for _ in range(n):
-        system, history = sentence(rng, 20), []
+        system, history = sentence(rng, 20), list[str]()
         for _turn in range(turns):
             query = sentence(rng, rng.randint(5, 40))
             jobs.append(
@@ -152,108 +154,93 @@ def request_of(i: int, job: Job) -> AssemblyRequest:
     )
 
 
-async def today(
-    server: Any, jobs: list[Job], errors: list[str]
-) -> tuple[list[float], list[float], list[int]]:
-    """Engine.fit with AnthropicCounter; returns latencies, budget used when dropping, budgets.
-    Requests the engine fails are appended to ``errors`` (by code)."""
+CLAUDE_FRAMING = ChatFraming(per_message=4, per_name=0, reply_priming=0)
+OLD_ROUNDS = 4
+
+
+async def old_fit(p: Prepared, api: AnthropicCounter) -> FitResult:
+    """The pre-issue-11 Claude path: every distinct piece counted by the API (cached),
+    allocation on those counts, then the payload confirmed and trimmed by the excess."""
+    model = p.req.model
+    nonempty = [t for t in p.texts if t]
+    try:
+        got = dict(zip(nonempty, await api.count_texts(model, nonempty), strict=True))
+        counts = [got.get(t, 0) if t else 0 for t in p.texts]
+        costs = Costs.of(p.layout, counts, CLAUDE_FRAMING, {})
+        wants = costs.wants(p.layout, p.budget.budget_tokens)
+        policy = policy_for(p.req, p.profile, p.budget)
+        plan = allocate(wants, policy)
+        slack = 0
+        for _ in range(OLD_ROUNDS):
+            payload = p.layout.render(plan)
+            confirmed = await api.count_payload(
+                model,
+                payload.system,
+                payload.messages,
+                tools=payload.tools,
+                tool_choice=payload.tool_choice,
+            )
+            if confirmed <= p.budget.budget_tokens:
+                return build_result(
+                    p, plan, costs, "anthropic:count_tokens", True, {}, [], CacheUse(), confirmed
+                )
+            slack += confirmed - p.budget.budget_tokens
+            plan = allocate(replace(wants, budget=p.budget.budget_tokens - slack), policy)
+        raise CountingUnavailable("the confirmed payload stayed over budget")
+    except TokenheapError as exc:
+        return error_result(p.req.request_id, p.req.model, exc, p.req)
+
+
+Measured = tuple[list[float], list[float], list[str]]
+"""Latencies, budget used by results that dropped something, error codes."""
+
+
+def _tally(result: FitResult, elapsed: float, out: Measured) -> None:
+    latencies, used, errors = out
+    latencies.append(elapsed)
+    if result.status != "ok" or result.usage is None:
+        errors.append(result.error.code if result.error else result.status)
+    elif result.dropped:
+        used.append(result.usage.total_tokens / result.usage.budget_tokens)
+
+
+async def old(server: Any, reqs: list[AssemblyRequest]) -> Measured:
+    catalog = load_catalog()
+    client = make_client("sk-bench", server.base_url, 10.0, 2)
+    api = AnthropicCounter(client, cache=CountCache(64 << 20), deadline_s=60)
+    out: Measured = ([], [], [])
+    try:
+        for req in reqs:
+            start = time.perf_counter()
+            result = await old_fit(prepare(catalog, req), api)
+            _tally(result, time.perf_counter() - start, out)
+    finally:
+        await api.aclose()
+    return out
+
+
+async def new(server: Any, reqs: list[AssemblyRequest]) -> Measured:
     pool = ThreadPoolExecutor(2)
-    cache = CountCache(64 * 1024 * 1024)
+    limiter = RateLimiter(100_000, burst=16)
     engine = Engine(
         catalog=load_catalog(),
-        cache=cache,
+        cache=CountCache(64 << 20),
         executor=pool,
-        anthropic_factory=lambda: AnthropicCounter(
-            make_client("sk-bench", server.base_url, 10.0, 2), cache=cache, deadline_s=60
+        anthropic_factory=lambda: PayloadConfirmer(
+            make_client("sk-bench", server.base_url, 10.0, 0), limiter, deadline_s=60
         ),
     )
-    latencies, used, budgets = [], [], []
-    known: dict[int, int] = {}
+    out: Measured = ([], [], [])
     try:
-        for i, job in enumerate(jobs):
-            req = request_of(i, job)
+        engine.preload([LOCAL_ENCODING])  # the vocabulary loads at start-up, not per request
+        for req in reqs:
             start = time.perf_counter()
             result = await engine.fit(req)
-            latencies.append(time.perf_counter() - start)
-            if result.status != "ok" or result.usage is None:
-                errors.append(result.error.code if result.error else result.status)
-                budgets.append(known.get(job["max_context"], job["max_context"]))
-                continue
-            known[job["max_context"]] = result.usage.budget_tokens
-            budgets.append(result.usage.budget_tokens)
-            if result.dropped:
-                used.append(result.usage.total_tokens / result.usage.budget_tokens)
+            _tally(result, time.perf_counter() - start, out)
     finally:
         await engine.aclose()
         pool.shutdown()
-    return latencies, used, budgets
-
-
-class NewFit:
-    """The new loop with a minimal allocator: chunks best first, then newest history pairs."""
-
-    def __init__(self, server: Any) -> None:
-        tokenizers = load_claude_tokenizers(ROOT / "config" / "models.yaml")
-        family = tokenizers.families["claude-v3"]
-        self.estimator = PayloadEstimator(family.framing, o200k_text_counter(CountCache(1 << 24)))
-        self.learner = RatioLearner({"claude-v3": family})
-        self.client = anthropic.AsyncAnthropic(
-            api_key="sk-bench", base_url=server.base_url, timeout=10.0
-        )
-        self.confirmer = PayloadConfirmer(self.client, RateLimiter(100_000, burst=8))
-
-    async def fit(self, job: Job, budget: int) -> tuple[int, bool]:
-        history, chunks = job["history"], job["chunks"]
-        pairs, everything = len(history) // 2, (len(history) // 2, len(chunks))
-
-        def build(plan: tuple[int, int]) -> Any:
-            turns = history[len(history) - 2 * plan[0] :] if plan[0] else []
-            messages = [
-                {"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(turns)
-            ]
-            last = [{"type": "text", "text": c} for c in chunks[: plan[1]]]
-            last.append({"type": "text", "text": job["query"]})
-            messages.append({"role": "user", "content": last})
-            return {"model": MODEL, "system": job["system"], "messages": messages}
-
-        def allocate(target: int, ratio: float) -> tuple[int, int]:
-            def fits(p: tuple[int, int]) -> bool:
-                return self.estimator.estimate(build(p)).scaled(ratio) <= target
-
-            plan = (0, 0)
-            while plan[1] < len(chunks) and fits((plan[0], plan[1] + 1)):
-                plan = (plan[0], plan[1] + 1)
-            while plan[0] < pairs and fits((plan[0] + 1, plan[1])):
-                plan = (plan[0] + 1, plan[1])
-            return plan
-
-        got = await fit_confirmed(
-            allocate=allocate,
-            render=build,
-            estimate=self.estimator.estimate,
-            count=self.confirmer.count,
-            dropped_any=lambda p: p != everything,
-            budget=budget,
-            learner=self.learner,
-            family="claude-v3",
-            key=conversation_key(MODEL, job["system"], history[0] if history else job["query"]),
-        )
-        return got.tokens, got.plan != everything
-
-
-async def new(server: Any, jobs: list[Job], budgets: list[int]) -> tuple[list[float], list[float]]:
-    fitter = NewFit(server)
-    latencies, used = [], []
-    try:
-        for job, budget in zip(jobs, budgets, strict=True):
-            start = time.perf_counter()
-            tokens, dropped = await fitter.fit(job, budget)
-            latencies.append(time.perf_counter() - start)
-            if dropped:
-                used.append(tokens / budget)
-    finally:
-        await fitter.client.close()
-    return latencies, used
+    return out
 
 
 def line(
@@ -265,7 +252,8 @@ def line(
     errors: list[str] | None = None,
 ) -> str:
     mean_used = f"{statistics.mean(used):.3f}" if used else "-"
-    failed = ", ".join(f"{errors.count(e)} {e}" for e in sorted(set(errors or []))) or "0"
+    errs = errors or []
+    failed = ", ".join(f"{errs.count(e)} {e}" for e in sorted(set(errs))) or "0"
     return (
         f"| {name} | {calls / n:.2f} | {statistics.median(latencies) * 1000:.0f} ms "
         f"| {statistics.mean(latencies) * 1000:.0f} ms | {mean_used} ({len(used)}/{n}) "
@@ -286,13 +274,11 @@ async def run(args: argparse.Namespace) -> None:
     )
     print("|---|---|---|---|---|---|")
     for name, jobs in workloads.items():
-        with srv.AnthropicServer(counting="bytes", latency=args.latency) as server:
-            errors: list[str] = []
-            lat, used, budgets = await today(server, jobs, errors)
-            print(line(f"{name}, today", server.calls, len(jobs), lat, used, errors))
-        with srv.AnthropicServer(counting="bytes", latency=args.latency) as server:
-            lat, used = await new(server, jobs, budgets)
-            print(line(f"{name}, new", server.calls, len(jobs), lat, used))
+        reqs = [request_of(i, job) for i, job in enumerate(jobs)]
+        for design, fit in (("old", old), ("new", new)):
+            with srv.AnthropicServer(counting="bytes", latency=args.latency) as server:
+                lat, used, errors = await fit(server, reqs)
+                print(line(f"{name}, {design}", server.calls, len(reqs), lat, used, errors))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,13 +104,37 @@ class Settings(BaseSettings):
     )
     anthropic_base_url: str | None = Field(None, description="Anthropic API base URL")
     anthropic_timeout_s: float = Field(10.0, gt=0, description="Per-call timeout")
-    anthropic_max_retries: int = Field(3, ge=0, description="Retries of 429/5xx/timeouts")
+    anthropic_max_retries: int = Field(
+        3, ge=0, description="Retries of 5xx/timeouts (429s wait in the count rate limiter)"
+    )
     anthropic_deadline_s: float = Field(
         30.0, gt=0, description="Bound on one count call, retries and retry-after waits included"
     )
     on_count_unavailable: Literal["fail", "estimate"] = Field(
         "fail",
         description="When the count API cannot answer: a retriable error, or an estimate",
+    )
+    claude_counting: Literal["api", "local", "audit"] = Field(
+        "api",
+        description="Claude counts: api = one count_tokens call per payload (exact); "
+        "local = no call (estimate); audit = local, a sample confirmed",
+    )
+    anthropic_count_rpm: float = Field(
+        100.0,
+        gt=0,
+        description="count_tokens calls per minute this worker allows itself "
+        "(your organisation's limit: 100 on the lowest older tier)",
+    )
+    anthropic_count_burst: int = Field(
+        10, ge=1, description="count_tokens calls allowed at once before the RPM spacing"
+    )
+    claude_audit_fraction: float = Field(
+        0.05, ge=0, le=1, description="audit mode: share of payloads confirmed by the API"
+    )
+    claude_drift_threshold: float = Field(
+        0.02,
+        gt=0,
+        description="audit mode: alert when the p95 of abs(local - API) / API passes this",
     )
 
     # Provider prompt caches

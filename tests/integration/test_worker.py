@@ -304,7 +304,7 @@ async def test_sigterm_drains_commits_and_restart_reprocesses_nothing(
                 await first.wait_ready()
                 stream = kit.stream(
                     kafka_bootstrap, names.requests, n, partitions=3, pace_s=0.01,
-                    model="claude-sonnet-4-5",
+                    model="claude-sonnet-4-5", distinct=True,
                 )  # fmt: skip
                 await r.wait_for(lambda: len(r.on(names.results)) >= 10)
                 assert await first.terminate() == 0, first.log_tail()

@@ -38,9 +38,14 @@ TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 # -- requests ---------------------------------------------------------------------------
 
 
-def request(i: int, *, conversation: str | None = None, chunks: int = 3, **over: Any) -> bytes:
-    """The example request under a unique id (model gpt-4o: counted locally)."""
+def request(
+    i: int, *, conversation: str | None = None, chunks: int = 3, distinct: bool = False, **over: Any
+) -> bytes:
+    """The example request under a unique id (model gpt-4o: counted locally); ``distinct``
+    makes its query unique too (a Claude payload counted before costs no count call)."""
     doc = dict(EXAMPLE, request_id=f"req-{i:05d}", conversation_id=conversation, **over)
+    if distinct:
+        doc["query"] = f"{doc['query']} (request {i})"
     doc["chunks"] = [dict(c, id=f"{c['id']}-{k}") for k, c in enumerate(EXAMPLE["chunks"] * 4)][
         :chunks
     ]

@@ -724,6 +724,7 @@ async def emitted_series(engine: Engine, catalog: Catalog) -> dict[str, set[str]
     from opentelemetry.sdk.metrics.export import Histogram, InMemoryMetricReader, Sum
     from opentelemetry.sdk.trace import TracerProvider
 
+    from worker.engine.result import CountAudit, FitResult
     from worker.telemetry import names
     from worker.telemetry.otel import OtelTelemetry
     from worker.telemetry.sustained import SustainedConfig
@@ -738,7 +739,9 @@ async def emitted_series(engine: Engine, catalog: Catalog) -> dict[str, set[str]
             window_requests=2, min_requests=1, share_limit=0.5, clear_below=0.25
         ),
     )
-    telemetry.observe_anthropic(SimpleNamespace(calls=2, failures=1))
+    telemetry.observe_anthropic(
+        SimpleNamespace(calls=2, failures=1, throttled=1, limiter_wait_s=0.5)
+    )
     from worker.telemetry.instruments import KafkaSnapshot
 
     telemetry.watch_kafka(
@@ -759,6 +762,10 @@ async def emitted_series(engine: Engine, catalog: Catalog) -> dict[str, set[str]
                 telemetry.on_result(req, await engine.fit(req), 0.01)
         with telemetry.process(topic="tokenheap.requests", **process):
             telemetry.on_dead_letter(reason_code="invalid_request", topic="tokenheap.requests")
+        audit = CountAudit(local_tokens=101, confirmed_tokens=100, drift=0.01)
+        audited = FitResult(request_id="a", status="ok", model="claude-x", count_audit=audit)
+        with telemetry.process(topic="tokenheap.requests", **process):
+            telemetry.on_result(None, audited, 0.01)  # a Claude payload audited (audit mode)
         telemetry.on_kafka_outage_start()
         telemetry.on_kafka_outage_end(3.0)
         data = reader.get_metrics_data()

@@ -194,13 +194,15 @@ def test_table_shows_the_cost(engine: Engine, make_request: MakeRequest) -> None
 async def test_claude_counted_by_the_api_gets_breakpoints_on_the_confirmed_payload(
     catalog: Catalog, anthropic_server: Any
 ) -> None:
-    from worker.count.anthropic_api import AnthropicCounter, make_client
+    from worker.count.anthropic_api import make_client
+    from worker.count.claude_confirm import PayloadConfirmer
+    from worker.count.limiter import RateLimiter
 
     cache = CountCache(1 << 20)
 
-    def counter() -> AnthropicCounter:
+    def counter() -> PayloadConfirmer:
         client = make_client("test-key", anthropic_server.base_url, 2.0, 1)
-        return AnthropicCounter(client, cache=cache, deadline_s=5.0)
+        return PayloadConfirmer(client, RateLimiter(1e6, burst=8), deadline_s=5.0)
 
     async with Engine(catalog=catalog, cache=cache, anthropic_factory=counter) as engine:
         res = await engine.fit(claude_request())

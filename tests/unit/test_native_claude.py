@@ -17,8 +17,10 @@ from PIL import Image
 
 from tests.unit.test_native_fit import check_anthropic_output
 from worker.catalog import Catalog
-from worker.count.anthropic_api import AnthropicCounter, make_client
+from worker.count.anthropic_api import make_client
 from worker.count.cache import CountCache
+from worker.count.claude_confirm import PayloadConfirmer
+from worker.count.limiter import RateLimiter
 from worker.engine.engine import Engine
 from worker.engine.request import AssemblyRequest
 
@@ -36,9 +38,11 @@ async def engine(catalog: Catalog, anthropic_server: Any) -> AsyncIterator[Engin
     pool = ThreadPoolExecutor(1)
     cache = CountCache(1024 * 1024)
 
-    def counter() -> AnthropicCounter:
+    def counter() -> PayloadConfirmer:
         client = make_client("test-key", anthropic_server.base_url, 2.0, 1)
-        return AnthropicCounter(client, cache=cache, deadline_s=5.0)
+        return PayloadConfirmer(
+            client, RateLimiter(1e6, burst=8), attempts=2, backoff_s=0.01, deadline_s=5.0
+        )
 
     eng = Engine(catalog=catalog, cache=cache, executor=pool, anthropic_factory=counter)
     yield eng

@@ -559,6 +559,40 @@ def test_anthropic_counts_from_a_lazy_source(make_rig: MakeRig) -> None:
     assert calls.value == 3
 
 
+def test_claude_count_429s_and_limiter_waits_are_observed(make_rig: MakeRig) -> None:
+    class Confirmer:  # what PayloadConfirmer exposes
+        calls = 5
+        failures = 0
+        throttled = 2
+        limiter_wait_s = 1.5
+
+    rig = make_rig(anthropic=Confirmer())
+    (throttled,) = rig.points(names.METRIC_ANTHROPIC_THROTTLED)
+    (waited,) = rig.points(names.METRIC_ANTHROPIC_LIMITER_WAIT)
+    assert (throttled.value, waited.value) == (2, 1.5)
+    assert rig.metrics()[names.METRIC_ANTHROPIC_THROTTLED].data.is_monotonic
+
+
+def test_audited_claude_counts_feed_a_drift_histogram_per_model(make_rig: MakeRig) -> None:
+    from worker.engine.result import CountAudit
+
+    rig = make_rig()
+    for model, drift in (("claude-a", 0.01), ("claude-a", 0.03), ("claude-b", -0.02)):
+        audit = CountAudit(local_tokens=100, confirmed_tokens=100, drift=drift)
+        result = FitResult(request_id="r", status="ok", model=model, count_audit=audit)
+        rig.tel.on_result(None, result, 0.01)
+    rig.tel.on_result(None, FitResult(request_id="r", status="ok", model="claude-c"), 0.01)
+    points = {
+        (p.attributes[names.GEN_AI_REQUEST_MODEL], p.attributes[names.ATTR_DRIFT_DIRECTION]): p
+        for p in rig.points(names.METRIC_CLAUDE_COUNT_DRIFT)
+    }
+    # an unaudited result records none; the sign is an attribute (histograms take no negatives)
+    assert set(points) == {("claude-a", "over"), ("claude-b", "under")}
+    a = points[("claude-a", "over")]
+    assert (a.count, a.sum) == (2, pytest.approx(0.04))
+    assert points[("claude-b", "under")].max == pytest.approx(0.02)
+
+
 def test_tenant_and_pipeline_cardinality_is_capped(
     make_rig: MakeRig, engine: Engine, make_request: Callable[..., AssemblyRequest]
 ) -> None:

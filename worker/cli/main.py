@@ -257,7 +257,9 @@ def _fit(
         if _exporting():  # otherwise nothing would receive it: skip the SDK altogether
             from worker.telemetry.otel import build_telemetry
 
-            otel = build_telemetry(catalog=engine.catalog)
+            otel = build_telemetry(
+                catalog=engine.catalog, anthropic=lambda: engine.anthropic_started
+            )
         telemetry: Telemetry = otel or NoopTelemetry()
         try:
             with otel.run() if otel else nullcontext():

@@ -1,4 +1,9 @@
-"""Exact Claude token counts from Anthropic's count_tokens endpoint.
+"""Exact Claude token counts of single texts from Anthropic's count_tokens endpoint.
+
+The engine no longer counts pieces this way (it counts each final payload once:
+``claude_confirm.PayloadConfirmer``); this client is the old design, kept for
+``benchmarks/claude_count_bench.py`` to compare against, and for callers that need a
+per-text count.
 
 Claude's tokenizer is not public, so the only exact count is the API's. It counts whole
 requests, framing included, so the cost of one text is its one-message count minus a per-model

@@ -134,7 +134,8 @@ class PayloadConfirmer:
     """``await confirmer.count(payload)``: the API's count of a whole payload.
 
     Counters for telemetry (plain attributes): ``calls`` (HTTP attempts), ``cache_hits``,
-    ``failures`` (counts that raised); the limiter carries calls/429s/waits of its own.
+    ``failures`` (counts that raised); ``throttled`` and ``limiter_wait_s`` read the
+    limiter's 429s and waits.
     """
 
     def __init__(
@@ -161,6 +162,24 @@ class PayloadConfirmer:
         self.calls = 0
         self.cache_hits = 0
         self.failures = 0
+
+    @property
+    def limiter(self) -> RateLimiter:
+        return self._limiter
+
+    @property
+    def throttled(self) -> int:
+        """429 answers seen (the limiter's count; retried ones included)."""
+        return self._limiter.throttled
+
+    @property
+    def limiter_wait_s(self) -> float:
+        """Seconds callers spent waiting for a rate-limiter slot, in all."""
+        return self._limiter.total_wait_s
+
+    async def aclose(self) -> None:
+        """Close the HTTP client; the confirmer is unusable afterwards."""
+        await self._client.close()
 
     async def count(self, payload: Payload) -> int:
         """The confirmed count; identical payloads in flight at once share one call."""

@@ -58,7 +58,7 @@ def local_count(
     ``tokenizer`` names the local counter (``o200k_base``, ``ctok-3.0``...); the method
     string says both it and the ratio, since a reader must know it is an estimate."""
     ratio = learner.safe_ratio(family)
-    return LocalCount(estimate.scaled(ratio), f"local:{tokenizer}x{ratio:.3f}")
+    return LocalCount(estimate.scaled(ratio), f"local:{tokenizer}@ratio={ratio:.3f}")
 
 
 class AuditSampler:

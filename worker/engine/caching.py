@@ -117,6 +117,8 @@ def _anthropic(
     if len(sizes) != len(where):  # a payload shape this step does not know: leave it be
         return 0, 0
     texts = [*([system] if system else []), *(m["content"] for m in messages)]
+    if len(texts) != len(where):  # system or messages in block form: not placed here yet
+        return 0, 0
     blocks = [
         Block(section, n, cacheable=bool(text), breakpoint_ttl=own)
         for (section, _, _, own), n, text in zip(where, sizes, texts, strict=True)

@@ -60,16 +60,23 @@ class Costs:
 
     @classmethod
     def of(
-        cls, layout: Layout, counts: list[int], framing: ChatFraming, role: dict[str, int]
+        cls,
+        layout: Layout,
+        counts: list[int],
+        framing: ChatFraming,
+        role: dict[str, int],
+        extra_scale: int = 1,
     ) -> Costs:
-        """`role`: tokens of each role string (the cookbook counts the role's value too)."""
+        """`role`: tokens of each role string (the cookbook counts the role's value too).
+        `extra_scale`: what the stated-rule tokens of the bills (images, documents, call
+        overheads) are multiplied by, for callers that count in fractions of a token."""
         at = 3
         header, query, query_unit = counts[0], counts[1], counts[2]
         sums: list[tuple[int, int]] = []
         for bill in _bills(layout):
             n, m = len(bill.content), len(bill.framing)
-            body = sum(counts[at : at + n]) + bill.content_extra
-            frame = sum(counts[at + n : at + n + m]) + bill.framing_extra
+            body = sum(counts[at : at + n]) + bill.content_extra * extra_scale
+            frame = sum(counts[at + n : at + n + m]) + bill.framing_extra * extra_scale
             at += n + m
             if bill.role not in ("system", "tools"):
                 frame += framing.per_message + role.get(bill.role, 1)

@@ -14,12 +14,15 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from worker.catalog import Catalog, default_catalog
+from worker.catalog import Catalog, default_catalog, default_config_dir
 from worker.count.backends import BackendName, make_backend
 from worker.count.cache import CountCache
+from worker.count.claude_estimate import ClaudeTokenizers, load_claude_tokenizers
+from worker.count.claude_modes import ClaudeCounting
 from worker.count.local import LocalCounter
 from worker.count.vocab import encoding
 from worker.engine import fit_api, fit_local
@@ -31,7 +34,7 @@ from worker.engine.stage import stage
 from worker.errors import TokenheapError
 
 if TYPE_CHECKING:  # the SDK takes over a second to import: only Claude requests pay for it
-    from worker.count.anthropic_api import AnthropicCounter
+    from worker.count.claude_confirm import PayloadConfirmer
 
 BATCH = 64
 """Requests of `fit_many` whose counting is started before the previous batch is finished."""
@@ -57,11 +60,19 @@ class Engine:
     count_threads: int = 2
     backend: BackendName = "tiktoken"
     """Local BPE backend: tiktoken, or the exact and faster fastokens (`auto`: if installed)."""
-    anthropic_factory: Callable[[], AnthropicCounter] | None = None
-    """Builds the Claude counter on first use (None: no API configured)."""
+    anthropic_factory: Callable[[], PayloadConfirmer] | None = None
+    """Builds the Claude count client (one per engine: its rate limiter and digest cache
+    are shared by all requests) on first use (None: no API configured)."""
     on_unavailable: fit_api.OnUnavailable = "fail"
+    claude_counting: ClaudeCounting = "api"
+    """`api`: one count_tokens call per payload; `local`: none; `audit`: a sample."""
+    claude_audit_fraction: float = 0.05
+    claude_drift_threshold: float = 0.02
+    claude_tokenizers: ClaudeTokenizers | Path | None = None
+    """Claude tokenizer families, or the models.yaml to read them from on the first Claude
+    request (None: the default models.yaml)."""
     _local: dict[str, LocalCounter] = field(default_factory=dict)
-    _anthropic: AnthropicCounter | None = None
+    _claude: fit_api.ClaudeCounter | None = None
     _runner: asyncio.Runner | None = None
     _threads: Executor = field(init=False)
 
@@ -82,7 +93,7 @@ class Engine:
         except TokenheapError as exc:
             return error_result(req.request_id, req.model, exc, req)
         if p.info.provider == "anthropic":
-            return await fit_api.fit(p, self.anthropic, self.on_unavailable)
+            return await self._fit_claude(p)
         with stage("count", texts=len(p.texts)):
             started = self._start(p)
             for fut in started.pending.futures:
@@ -133,7 +144,7 @@ class Engine:
         except TokenheapError as exc:
             return error_result(item.request_id, item.model, exc, item)
         if p.info.provider == "anthropic":
-            return asyncio.ensure_future(fit_api.fit(p, self.anthropic, self.on_unavailable))
+            return asyncio.ensure_future(self._fit_claude(p))
         return self._start(p)
 
     def _start(self, p: Prepared) -> fit_local.Started:
@@ -162,22 +173,43 @@ class Engine:
         for name in encodings:
             self.local(name).role_tokens()
 
-    @property
-    def anthropic_started(self) -> AnthropicCounter | None:
-        """The Claude counter if one was created (metrics read it without creating one)."""
-        return self._anthropic
+    async def _fit_claude(self, p: Prepared) -> FitResult:
+        try:
+            claude, local = self.claude, self.local(fit_api.LOCAL_ENCODING)
+        except TokenheapError as exc:  # e.g. a models.yaml without claude_tokenizers
+            return error_result(p.req.request_id, p.req.model, exc, p.req)
+        return await fit_api.fit(p, claude, local)
 
     @property
-    def anthropic(self) -> AnthropicCounter | None:
-        if self._anthropic is None and self.anthropic_factory is not None:
-            self._anthropic = self.anthropic_factory()
-        return self._anthropic
+    def claude(self) -> fit_api.ClaudeCounter:
+        """What every Claude request of this engine shares (built on first use)."""
+        if self._claude is None:
+            tokenizers = self.claude_tokenizers or default_config_dir() / "models.yaml"
+            if isinstance(tokenizers, Path):
+                tokenizers = load_claude_tokenizers(tokenizers)
+            self._claude = fit_api.ClaudeCounter(
+                tokenizers,
+                self.anthropic_factory,
+                mode=self.claude_counting,
+                on_unavailable=self.on_unavailable,
+                audit_fraction=self.claude_audit_fraction,
+                drift_threshold=self.claude_drift_threshold,
+            )
+        return self._claude
+
+    @property
+    def anthropic_started(self) -> PayloadConfirmer | None:
+        """The Claude count client if one was created (metrics read it without creating one)."""
+        return self._claude.started if self._claude is not None else None
+
+    @property
+    def anthropic(self) -> PayloadConfirmer | None:
+        return self.claude.confirmer
 
     async def aclose(self) -> None:
         """Release the count API client and the counting threads it started (idempotent)."""
-        if self._anthropic is not None:
-            await self._anthropic.aclose()
-            self._anthropic = None
+        if self._claude is not None:
+            await self._claude.aclose()
         if self.executor is None:
             self._threads.shutdown(wait=False, cancel_futures=True)
 

@@ -61,7 +61,8 @@ def build_result(
     if confirmed is not None:
         framing += confirmed - total
         total = confirmed
-        inexact = []  # the provider's own counter counted the whole payload
+        if exact:
+            inexact = []  # the provider's own counter counted the whole payload
     usage = Usage(
         system=system,
         history=history,

@@ -44,6 +44,9 @@ class Usage(_Out):
     max_context_tokens: int
     utilization: float
     """total_tokens / budget_tokens."""
+    slots_apportioned: bool = False
+    """True when only `total_tokens` was counted as a whole (Claude: the count API counts
+    whole payloads) and the slot values split it in proportion to a local estimate."""
     cost: CostEstimate | None = None
     """Expected input cost (cached prefix at the cached rate, cache writes at theirs) and
     the worst case of the output reserve; None when the model row has no prices."""
@@ -90,6 +93,15 @@ class ErrorInfo(_Out):
 class CacheUse(_Out):
     hits: int = 0
     misses: int = 0
+
+
+class CountAudit(_Out):
+    """An audited local count (`TOKENHEAP_CLAUDE_COUNTING=audit`): the API's count beside it."""
+
+    local_tokens: int
+    confirmed_tokens: int
+    drift: float
+    """(local - confirmed) / confirmed."""
 
 
 class CacheBreakpoint(_Out):
@@ -145,7 +157,8 @@ class FitResult(_Out):
     provider: str | None = None
     profile: str | None = None
     count_method: str | None = None
-    """e.g. `tiktoken:o200k_base`, `anthropic:count_tokens`, `estimate:utf8_bytes/3`."""
+    """e.g. `tiktoken:o200k_base`, `anthropic:count_tokens`, `local:o200k_base@ratio=1.323`
+    (a Claude estimate), `estimate:local:…` (the count API did not answer)."""
     exact: bool = False
     """True only when every part was counted by a documented rule or the provider's counter."""
     inexact: list[str] = Field(default_factory=list)
@@ -167,6 +180,8 @@ class FitResult(_Out):
     pipeline: str | None = None
     conversation_id: str | None = None
     cache: CacheUse = Field(default_factory=CacheUse)
+    count_audit: CountAudit | None = None
+    """Set when this payload's local count was checked against the count API (audit mode)."""
     prompt_cache: PromptCache | None = None
     """The provider's prompt cache: the stable prefix, breakpoints placed (ok results)."""
     prompt_cache_key: str | None = None

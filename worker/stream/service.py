@@ -133,6 +133,9 @@ async def serve(
     client_kwargs(settings)  # a ConfigError surfaces before anything starts
     engine = engine or build_engine(settings)
     telemetry = telemetry or NoopTelemetry()
+    observe = getattr(telemetry, "observe_anthropic", None)
+    if observe is not None:  # count_tokens calls, 429s, limiter waits, once a client exists
+        observe(lambda: engine.anthropic_started)
     watch = BrokerWatch(
         lambda: check_connection(settings, _probe_timeout(settings)),
         what=settings.bootstrap_servers,

@@ -157,6 +157,25 @@ class Instruments:
             unit="{call}",
             description="messages.count_tokens calls that ended in an error",
         )
+        meter.create_observable_counter(
+            names.METRIC_ANTHROPIC_THROTTLED,
+            callbacks=[self._observe("throttled")],
+            unit="{call}",
+            description="messages.count_tokens answers of 429 (rate limited)",
+        )
+        meter.create_observable_counter(
+            names.METRIC_ANTHROPIC_LIMITER_WAIT,
+            callbacks=[self._observe("limiter_wait_s", seconds=True)],
+            unit="s",
+            description="Time count_tokens calls waited for the client-side rate limiter",
+        )
+        self.claude_drift = meter.create_histogram(
+            names.METRIC_CLAUDE_COUNT_DRIFT,
+            unit="1",
+            description="Audited Claude payloads: |local count - API count| / API count, "
+            "by direction (over, under)",
+            explicit_bucket_boundaries_advisory=names.DRIFT_BUCKETS,
+        )
 
         self.kafka: KafkaSource | None = None
         """The flow's state, read at each collection; set when the worker starts."""
@@ -216,10 +235,17 @@ class Instruments:
 
         return callback
 
-    def _observe(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def _observe(
+        self, field: str, *, seconds: bool = False
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """Reads ``field`` of the source; a source without it (an older counter) gives none."""
+
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             source = self.anthropic
             counts = source() if callable(source) else source
-            return [] if counts is None else [Observation(int(getattr(counts, field)))]
+            value = getattr(counts, field, None)
+            if value is None:
+                return []
+            return [Observation(float(value) if seconds else int(value))]
 
         return callback

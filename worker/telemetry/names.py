@@ -128,6 +128,8 @@ ATTR_SLOT: Final = "tokenheap.slot"
 ATTR_DROP_REASON: Final = "tokenheap.drop.reason"
 ATTR_DEAD_LETTER_REASON: Final = "tokenheap.dead_letter.reason"
 ATTR_CACHE_OUTCOME: Final = "tokenheap.count.cache.outcome"
+ATTR_DRIFT_DIRECTION: Final = "tokenheap.count.drift.direction"
+"""`over` (the local count was above the API's), `under`, or `exact`."""
 """`hit` or `miss`."""
 
 OVERFLOW_VALUE: Final = "_other"
@@ -147,6 +149,12 @@ METRIC_DEAD_LETTERS: Final = "tokenheap.dead_letters"
 METRIC_CACHE_LOOKUPS: Final = "tokenheap.count.cache.lookups"
 METRIC_ANTHROPIC_CALLS: Final = "tokenheap.anthropic.count.calls"
 METRIC_ANTHROPIC_FAILURES: Final = "tokenheap.anthropic.count.failures"
+METRIC_ANTHROPIC_THROTTLED: Final = "tokenheap.anthropic.count.throttled"
+METRIC_ANTHROPIC_LIMITER_WAIT: Final = "tokenheap.anthropic.count.limiter_wait"
+METRIC_CLAUDE_COUNT_DRIFT: Final = "tokenheap.claude.count.drift"
+DRIFT_BUCKETS: Final = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+"""|local - API| / API of audited Claude counts (histograms take no negative values: the
+sign is the `tokenheap.count.drift.direction` attribute)."""
 METRIC_COST: Final = "tokenheap.cost"
 """USD of fitted requests at list prices, by `tokenheap.cost.part` (Prometheus:
 `tokenheap_cost_total`)."""

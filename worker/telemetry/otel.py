@@ -328,6 +328,10 @@ class OtelTelemetry:
         for outcome_name, n in (("hit", result.cache.hits), ("miss", result.cache.misses)):
             if n:
                 inst.cache_lookups.add(n, {**dims, names.ATTR_CACHE_OUTCOME: outcome_name})
+        if result.count_audit is not None:
+            drift = result.count_audit.drift
+            direction = "over" if drift > 0 else ("under" if drift < 0 else "exact")
+            inst.claude_drift.record(abs(drift), {**dims, names.ATTR_DRIFT_DIRECTION: direction})
 
     def _sustained(self, req: AssemblyRequest | None, result: FitResult) -> list[Transition]:
         moves: list[Transition] = []
