@@ -94,8 +94,8 @@ def _lines(r: FitResult, shares: Shares) -> list[Text]:
         c = u.cost
         lines.append(
             Text(
-                f"  cost     input ${c.input:.6f} ({c.cached_tokens:,} cached), "
-                f"output up to ${c.output_worst_case:.6f}, total up to ${c.total_worst_case:.6f}",
+                f"  cost     input ${c.input:.6f} ({c.cached_tokens:,} cached) + output "
+                f"<= ${c.output_worst_case:.6f} = <= ${c.total_worst_case:.6f}",
                 "dim",
             )
         )
