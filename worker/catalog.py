@@ -202,8 +202,8 @@ def default_config_dir() -> Path:
 
 def load_catalog(config_dir: Path | None = None) -> Catalog:
     folder = config_dir or default_config_dir()
-    models_doc = _read_yaml(folder / "models.yaml")
-    profiles_doc = _read_yaml(folder / "profiles.yaml")
+    models_doc = read_yaml(folder / "models.yaml")
+    profiles_doc = read_yaml(folder / "profiles.yaml")
     defaults = profiles_doc.get("defaults") or {}
     try:
         profiles = {
@@ -225,9 +225,23 @@ def default_catalog() -> Catalog:
     return load_catalog()
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file as a mapping (ConfigError if it cannot be read). Parsed with libyaml
+    where PyYAML has it (~8x faster on models.yaml), and once per file version: the
+    catalog, the payload rules and the Claude tokenizers all read models.yaml. The mapping
+    is shared: callers read it, never change it."""
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    return _parsed(str(path), st.st_mtime_ns, st.st_size)
+
+
+@cache
+def _parsed(path: str, _mtime_ns: int, _size: int) -> dict[str, Any]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        doc = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=loader)
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     if not isinstance(doc, dict):

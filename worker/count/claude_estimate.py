@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from worker.catalog import read_yaml
 from worker.count.cache import CountCache, digest
 from worker.errors import ConfigError
 
@@ -86,10 +86,10 @@ class ClaudeTokenizers(_Frozen):
 
 def load_claude_tokenizers(models_yaml: Path) -> ClaudeTokenizers:
     """Read and validate ``claude_tokenizers`` from a models.yaml file."""
+    doc = read_yaml(models_yaml)
     try:
-        doc = yaml.safe_load(models_yaml.read_text(encoding="utf-8"))
-        return ClaudeTokenizers.model_validate((doc or {}).get("claude_tokenizers") or {})
-    except (OSError, yaml.YAMLError, ValidationError, AttributeError) as exc:
+        return ClaudeTokenizers.model_validate(doc.get("claude_tokenizers") or {})
+    except ValidationError as exc:
         raise ConfigError(f"invalid claude_tokenizers in {models_yaml}: {exc}") from None
 
 

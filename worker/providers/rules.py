@@ -11,10 +11,9 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from worker.catalog import default_config_dir
+from worker.catalog import default_config_dir, read_yaml
 from worker.errors import ConfigError, UnknownModel
 
 Provider = Literal["openai", "anthropic"]
@@ -177,12 +176,7 @@ def lookup(table: dict[str, Any], name: str) -> str | None:
 
 def load_payload_rules(config_dir: Path | None = None) -> PayloadRules:
     path = (config_dir or default_config_dir()) / "models.yaml"
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path} must hold a mapping")
+    doc = read_yaml(path)
     fields = PayloadRules.model_fields
     try:
         return PayloadRules.model_validate({k: doc.get(k) for k in fields})
