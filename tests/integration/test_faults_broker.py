@@ -177,6 +177,9 @@ async def test_sigterm_while_the_broker_is_down_exits_within_the_drain_timeout(
         assert await first.terminate(timeout_s=drain_s + 4.0) == 0, first.log_tail()
         await _revive(broker)
         second = kit.WorkerProcess(settings, tmp_path / "second.log")
+        # ready first: the first worker may have published everything before the outage,
+        # and a SIGTERM that lands while the second is still importing is not a drain
+        await second.wait_ready()
         ids = await _all_results(broker, names, n, committed_only=delivery == "exactly-once")
         assert await second.terminate() == 0, second.log_tail()
     finally:

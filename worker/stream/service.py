@@ -386,6 +386,13 @@ async def _quietly(what: str, step: Awaitable[object], until: float | None = Non
                 await step
     except TimeoutError:
         log.warning("%s: Kafka did not answer in time; going on without it", what)
+    except asyncio.CancelledError:
+        # aiokafka's close awaits the fetch tasks it cancelled and can let their
+        # CancelledError escape; only a cancellation of this task itself goes on up.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("%s: the client's own tasks were cancelled; going on", what)
     except Exception as exc:  # shutting down: report and go on
         log.warning("%s: %s: %s", what, type(exc).__name__, exc)
 
