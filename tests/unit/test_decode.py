@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from worker.engine.decode import Limits, decode_request
+from worker.engine.decode import Limits, _items, check_limits, decode_request
 from worker.errors import InvalidRequest, RequestTooLarge
 
 BASE = {"request_id": "r", "model": "gpt-4o", "query": "q"}
@@ -54,3 +57,49 @@ def test_content_is_not_echoed_in_errors() -> None:
 def test_limits_bound_the_work(limits: Limits, doc: dict[str, object]) -> None:
     with pytest.raises(RequestTooLarge):
         decode_request(json.dumps(doc).encode(), limits)
+
+
+_text = st.text(alphabet="aé\u4e2d😀 ", max_size=12)
+_part = st.fixed_dictionaries({"type": st.just("text"), "text": _text})
+_content = st.one_of(_text, st.lists(_part, min_size=1, max_size=3))
+
+
+@given(
+    system=_text,
+    query=st.one_of(_text.filter(bool), st.lists(_part, min_size=1, max_size=2)),
+    history=st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "assistant"]), "content": _content}
+        ),
+        max_size=4,
+    ),
+    chunks=st.lists(_text, max_size=3),
+    cap=st.integers(0, 12),
+)
+def test_item_limit_refuses_exactly_the_texts_over_it(
+    system: str, query: object, history: list[object], chunks: list[str], cap: int
+) -> None:
+    """The quick check (no path built per text) agrees with the texts the error names."""
+    doc = {
+        **BASE,
+        "system": system,
+        "query": query,
+        "history": history,
+        "chunks": [{"id": str(i), "text": t} for i, t in enumerate(chunks)],
+    }
+    req = decode_request(json.dumps(doc))
+    over = [where for where, text in _items(req) if len(text) > cap]
+    if over:
+        with pytest.raises(RequestTooLarge, match=re.escape(over[0])):
+            check_limits(req, Limits(max_item_chars=cap))
+    else:
+        check_limits(req, Limits(max_item_chars=cap))
+
+
+@pytest.mark.parametrize("text", ["a" * 60, "é" * 30, "😀" * 15])
+def test_byte_limit_counts_utf8_bytes_of_a_str(text: str) -> None:
+    doc = json.dumps({**BASE, "system": text}, ensure_ascii=False)
+    size = len(doc.encode("utf-8"))
+    decode_request(doc, Limits(max_request_bytes=size))
+    with pytest.raises(RequestTooLarge, match=f"request is {size} bytes"):
+        decode_request(doc, Limits(max_request_bytes=size - 1))

@@ -25,7 +25,8 @@ class Limits:
 
 
 def decode_request(raw: bytes | str, limits: Limits = Limits()) -> AssemblyRequest:
-    size = len(raw.encode("utf-8") if isinstance(raw, str) else raw)
+    # an ASCII str is its own byte length (CPython keeps the flag: no copy to measure it)
+    size = len(raw) if not isinstance(raw, str) or raw.isascii() else len(raw.encode("utf-8"))
     if size > limits.max_request_bytes:
         raise RequestTooLarge(
             f"request is {size} bytes, over the limit of {limits.max_request_bytes}; "
@@ -64,12 +65,28 @@ def check_limits(req: AssemblyRequest, limits: Limits) -> None:
             f"{req.request_id}: {len(req.chunks)} chunks, limit {limits.max_chunks}"
         )
     cap = limits.max_item_chars
+    if _longest(req) <= cap:  # the common case, without building a path per text
+        return
     for where, text in _items(req):
         if len(text) > cap:
             raise RequestTooLarge(
                 f"{req.request_id}: {where} has {len(text)} characters, limit {cap}; "
                 "split it before sending"
             )
+
+
+def _longest(req: AssemblyRequest) -> int:
+    """The longest text of `_items`, measured the same way but without naming the texts."""
+    longest = max((len(c.text) for c in req.chunks), default=0)
+    for turn in req.history:
+        content = turn.get("content") if isinstance(turn, dict) else turn.content
+        if isinstance(content, str):
+            longest = max(longest, len(content))
+        else:
+            longest = max(longest, max((len(t) for _, t in _texts(content)), default=0))
+    for value in (req.system, req.query):
+        longest = max(longest, max((len(t) for _, t in _texts(value)), default=0))
+    return longest
 
 
 def _items(req: AssemblyRequest) -> list[tuple[str, str]]:

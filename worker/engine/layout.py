@@ -49,7 +49,8 @@ class Layout:
     """The system prompt as sent: OpenAI the system message's content, Anthropic `system`."""
     system_bill: Bill
     messages: tuple[dict[str, Any], ...]
-    """History as sent (SDK shape), oldest first; converted when it came in the other shape."""
+    """History as sent (SDK shape), oldest first; converted when it came in the other shape.
+    Empty for a plain OpenAI request: its `turns` are passed through as they came."""
     roles: tuple[str, ...]
     bills: tuple[Bill, ...]
     """Per history message: the texts and stated tokens it costs."""
@@ -87,7 +88,11 @@ class Layout:
         openai = self.provider == "openai"
         if openai and self.system:
             messages.append({"role": "system", "content": self.system_sdk})
-        messages.extend(self.messages[i] for i in self.kept_indices(plan.history_kept))
+        kept = self.kept_indices(plan.history_kept)
+        if self.messages or not self.turns:
+            messages.extend(self.messages[i] for i in kept)
+        else:  # plain OpenAI turns: built for the kept ones only (see `_legacy`)
+            messages.extend(_plain(self.turns[i]) for i in kept)
         final = self.final_content(plan, units)
         if not openai and messages and messages[-1]["role"] == "user":
             # Claude: tool results (or a user turn) end the kept history; the context and
@@ -262,11 +267,10 @@ def _legacy(
 ) -> Layout:
     turns: Sequence[Turn] = req.history  # type: ignore[assignment]
     assert isinstance(req.system, str) and isinstance(req.query, str)
-    if provider == "openai":
-        messages = tuple(_plain(t) for t in turns)
-    else:
-        messages = tuple(_anthropic_turn(t) for t in turns)
-    bills = tuple(_plain_bill(t, m["role"]) for t, m in zip(turns, messages, strict=True))
+    # OpenAI passes the request's own turns through (`plain_messages`); only Claude's
+    # are rebuilt here, the role being the turn's own in both shapes.
+    messages = () if provider == "openai" else tuple(_anthropic_turn(t) for t in turns)
+    bills = tuple(_plain_bill(t, t.role) for t in turns)
     groups: list[list[int]] = []
     pins: list[bool] = []
     for i, turn in enumerate(turns):
@@ -280,7 +284,7 @@ def _legacy(
         system_sdk=req.system,
         system_bill=Bill("system", (req.system,)),
         messages=messages,
-        roles=tuple(m["role"] for m in messages),
+        roles=tuple(t.role for t in turns),
         bills=bills,
         groups=tuple(tuple(g) for g, p in zip(groups, pins, strict=True) if not p),
         pinned=tuple(tuple(g) for g, p in zip(groups, pins, strict=True) if p),
