@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import chat_tokens
+from tests.support.contract import assert_result_contract
 from worker.catalog import Catalog
 from worker.count.vocab import encoding
 from worker.engine.engine import Engine
@@ -118,6 +119,7 @@ def test_fit_is_within_budget_and_usage_equals_recount(
     engine = make_engine()
     req = _request(turn_list, chunks, query, system, window, model, truncate)
     [result] = engine.fit_many_sync([req])
+    assert_result_contract(result)
     if result.status == "error":
         assert result.error is not None
         assert result.error.code == "over_budget"

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import chat_tokens
 from tests.property.test_provider_transcripts import claude_transcripts, openai_transcripts
+from tests.support.contract import assert_result_contract
 from tests.unit.test_native_fit import check_anthropic_output, check_openai_output
 from worker.count.vocab import encoding
 from worker.engine.engine import Engine
@@ -68,6 +69,7 @@ def test_openai_agent_transcripts_trim_without_orphans(
     engine = make_engine()
     engine.on_unavailable = "estimate"
     result = engine.fit_sync(_request(history, model, window))
+    assert_result_contract(result)
     if not _check_common(result):
         return
     if model == "gpt-4o":
@@ -90,6 +92,7 @@ def test_claude_agent_transcripts_trim_without_orphans(
     engine = make_engine()
     engine.on_unavailable = "estimate"
     result = engine.fit_sync(_request(history, model, window))
+    assert_result_contract(result)
     if not _check_common(result):
         return
     if model == "gpt-4o":
@@ -193,6 +196,7 @@ def test_tool_definitions_recount_by_the_cookbook(
 ) -> None:
     doc = {"request_id": "t", "model": model, "system": "S.", "query": query, "tools": tools}
     result = make_engine().fit_sync(AssemblyRequest.model_validate(doc))
+    assert_result_contract(result)
     assert result.status == "ok", result.error
     assert result.usage is not None
     messages = [m.model_dump(exclude_none=True) for m in result.messages]
@@ -276,6 +280,7 @@ def test_any_native_input_is_a_result_never_an_exception(
     engine = make_engine()
     engine.on_unavailable = "estimate"
     result = engine.fit_sync(req)
+    assert_result_contract(result)
     if result.status == "error":
         assert result.error is not None
         assert result.error.code in ("invalid_request", "request_too_large", "over_budget")
@@ -346,6 +351,7 @@ def test_query_image_recounts_by_the_tile_rule(
     query = [{"type": "text", "text": text}, {"type": "image_url", "image_url": image}]
     doc = {"request_id": "i", "model": model, "query": query}
     result = make_engine().fit_sync(AssemblyRequest.model_validate(doc))
+    assert_result_contract(result)
     if result.status == "error":  # over a pixel limit: refused with the part's path
         assert result.error is not None and "query[1]" in result.error.message
         return

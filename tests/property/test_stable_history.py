@@ -13,6 +13,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.contract import assert_result_contract
 from worker.engine.engine import Engine
 from worker.engine.request import AssemblyRequest
 from worker.engine.result import FitResult
@@ -63,6 +64,8 @@ def test_prefix_changes_only_when_the_cut_moves_and_moves_only_when_needed(
     reqs = turns(sizes, stable=True)
     with make_engine() as engine:
         results = engine.fit_many_sync(reqs)
+        for result in results:
+            assert_result_contract(result)
     for t in range(1, len(reqs)):
         prev, cur = results[t - 1], results[t]
         assert cur.status == "ok" and cur.usage is not None and cur.prompt_cache is not None

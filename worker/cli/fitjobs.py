@@ -18,6 +18,7 @@ from worker.cli.fitfile import fit_lines
 from worker.engine.decode import Limits
 from worker.engine.engine import Engine
 from worker.engine.result import FitResult
+from worker.runtime import settle_heap
 
 BLOCK = 64
 Format = Callable[[FitResult], str]
@@ -39,6 +40,7 @@ def fit_parallel(
     engine.preload(list(preload))  # loaded once here, shared with the children by fork
     loop = asyncio.new_event_loop()
     _child = (engine, limits, fmt, loop)
+    settle_heap()  # frozen before the fork: children do not copy pages to collect them
     ctx = multiprocessing.get_context("fork")
     blocks = _blocks(lines)
     try:

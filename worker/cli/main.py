@@ -19,6 +19,7 @@ from worker.engine.decode import Limits
 from worker.engine.engine import Engine
 from worker.engine.result import FitResult
 from worker.errors import TokenheapError
+from worker.runtime import settle_heap
 from worker.settings import Settings
 from worker.telemetry.hooks import NoopTelemetry, Telemetry
 
@@ -261,6 +262,7 @@ def _fit(
                 catalog=engine.catalog, anthropic=lambda: engine.anthropic_started
             )
         telemetry: Telemetry = otel or NoopTelemetry()
+        settle_heap()  # start-up is over: what it built is out of the collector's way
         try:
             with otel.run() if otel else nullcontext():
                 failed = asyncio.run(

@@ -89,7 +89,6 @@ def build_result(
         exact=not inexact,
         inexact=inexact,
         system=payload.system,
-        messages=messages,
         tools=payload.tools,
         tool_choice=payload.tool_choice,
         usage=usage,
@@ -100,6 +99,9 @@ def build_result(
         conversation_id=req.conversation_id,
         cache=use,
     )
+    # Set after validation: these are the request's own validated turns (or messages the
+    # renderer built), and checking each against the union again cost ~3x the whole model.
+    result.messages = messages
     result.alerts.extend(request_alerts(p, usage, dropped, plan))
     annotate(p, plan, costs, result)  # post-render: cost and provider prompt-cache facts
     return result
