@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.workload import write
+from worker.count.backends import BackendName
 from worker.engine.decode import decode_request
 from worker.engine.engine import Engine
 from worker.engine.result import FitResult
@@ -27,8 +28,8 @@ from worker.engine.result import FitResult
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
 
 
-def engine_pass(lines: list[str]) -> tuple[float, list[str]]:
-    engine = Engine()
+def engine_pass(lines: list[str], backend: BackendName = "tiktoken") -> tuple[float, list[str]]:
+    engine = Engine(backend=backend)
     engine.preload(["o200k_base"])
     start = time.process_time()
     out = [
@@ -66,19 +67,24 @@ def main() -> None:
     _, first = engine_pass(lines)
     results = [json.loads(r) for r in first]
     ok = sum(FitResult.model_validate(r).status == "ok" for r in results)
-    eng: list[float] = []
-    flo: list[float] = []
+    backends: list[BackendName] = ["tiktoken", "fastokens"]
+    cpu: dict[str, list[float]] = {"floor": [], **{b: [] for b in backends}}
     for _ in range(args.rounds):
-        eng.append(engine_pass(lines)[0])
-        flo.append(floor_pass(lines, results))
+        cpu["floor"].append(floor_pass(lines, results))
+        for b in backends:
+            spent, out = engine_pass(lines, b)
+            same = [o.replace(b, "tiktoken", 1) for o in out]  # count_method names it
+            assert same == first, f"{b}: results differ from tiktoken's"
+            cpu[b].append(spent)
     n = len(lines)
-    e, f = statistics.median(eng) / n * 1e3, statistics.median(flo) / n * 1e3
+    ms = {k: statistics.median(v) / n * 1e3 for k, v in cpu.items()}
     print(f"{n} requests ({ok} ok), {args.rounds} rounds, median CPU per request\n")
     print("| path | ms / request | x the floor |")
     print("| --- | ---: | ---: |")
-    print(f"| json.loads(request) + json.dumps(result) (floor) | {f:.3f} | 1.00 |")
-    print(f"| decode + Engine.fit_many + model_dump_json | {e:.3f} | {e / f:.2f} |")
-
+    print(f"| json.loads(request) + json.dumps(result) (floor) | {ms['floor']:.3f} | 1.00 |")
+    for b in backends:
+        label = f"decode + Engine.fit_many ({b}) + model_dump_json"
+        print(f"| {label} | {ms[b]:.3f} | {ms[b] / ms['floor']:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -1,18 +1,31 @@
-"""`tokenheap fit --jobs N`: blocks of lines fitted in N forked processes, output in order.
+"""`tokenheap fit --jobs N`: a JSON lines file cut into N ranges, each fitted by a fork.
 
 Once counts come from the cache, the Python work around them (decoding, allocating,
 rendering, serializing) is what a file of requests costs, and one interpreter runs it on
-one core. The parent loads the vocabulary before forking, so children start with it for
-free; each child keeps its own count cache and event loop across blocks. A conversation
-resent in blocks handled by different children is counted at most once per child.
+one core. The parent loads the vocabulary and settles its heap before forking, so the
+children start with both for free. Each child reads its own byte range of the file (cut at
+line ends) and writes its own results: the first straight to stdout, the others to
+temporary files the parent copies out in order once the ranges before them are done. The
+parent moves no request or result through a pipe, so both cores fit requests instead of
+one of them feeding the other (the design before this one pickled every line to a pool).
+Output order is input order. A conversation resent in both halves is counted once per
+child.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+import mmap
 import multiprocessing
-from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from typing import IO, TextIO
 
 from worker.cli.fitfile import fit_lines
 from worker.engine.decode import Limits
@@ -20,54 +33,170 @@ from worker.engine.engine import Engine
 from worker.engine.result import FitResult
 from worker.runtime import settle_heap
 
-BLOCK = 64
 Format = Callable[[FitResult], str]
 
-_child: tuple[Engine, Limits, Format, asyncio.AbstractEventLoop] | None = None
+OK, FAILED, BAD_INPUT, BROKEN_PIPE = 0, 1, 2, 3
+"""Child exit codes: every result ok, some error result, input not UTF-8, reader gone."""
 
 
-def fit_parallel(
+class JobsFailed(RuntimeError):
+    """A child died without reporting (killed, out of memory): the output is incomplete."""
+
+
+def line_ranges(path: str, jobs: int) -> list[tuple[int, int]]:
+    """`jobs` byte ranges covering the file, each starting at a line start (some may be
+    empty when the file has fewer long lines than jobs)."""
+    size = os.path.getsize(path)
+    starts = [0]
+    with open(path, "rb") as f:
+        for k in range(1, jobs):
+            at = max(size * k // jobs, starts[-1])
+            if at == 0:
+                starts.append(0)
+                continue
+            f.seek(at - 1)
+            f.readline()  # to the end of the line `at - 1` is on (it may end right there)
+            starts.append(max(f.tell(), starts[-1]))
+    ends = [*starts[1:], size]
+    return list(zip(starts, ends, strict=True))
+
+
+def range_lines(path: str, start: int, end: int, done: Callable[[int], None]) -> Iterator[str]:
+    """The lines of one range as the sequential path reads them (universal newlines;
+    UnicodeDecodeError if it is not UTF-8); `done` is told the bytes read so far."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        at = start
+        while at < end:
+            raw = f.readline(end - at)
+            if not raw:
+                return
+            at += len(raw)
+            done(at - start)
+            text = raw.decode("utf-8")
+            if "\r" in text:  # read as text mode does: a bare CR ends a line too
+                yield from io.StringIO(text, newline=None)
+            else:
+                yield text
+
+
+def fit_ranges(
     make_engine: Callable[[], Engine],
-    lines: Iterable[str],
+    path: str,
     limits: Limits,
     fmt: Format,
     jobs: int,
-    preload: Iterable[str] = ("o200k_base",),
-) -> Iterator[tuple[str, int]]:
-    """Yield (formatted block, failed count) per block of lines, in input order."""
-    global _child
+    out: TextIO = sys.stdout,
+    progress: Callable[[Callable[[], int], Callable[[], bool]], None] | None = None,
+    preload: tuple[str, ...] = ("o200k_base",),
+) -> int:
+    """Fit the file in `jobs` forks; write every result to `out` in input order. Returns
+    the exit code: 0 all ok, 1 some error result (or the reader went away), 2 the file is
+    not UTF-8 text. `progress(bytes_done, finished)` is run while the children work."""
     engine = make_engine()
     engine.preload(list(preload))  # loaded once here, shared with the children by fork
-    loop = asyncio.new_event_loop()
-    _child = (engine, limits, fmt, loop)
-    settle_heap()  # frozen before the fork: children do not copy pages to collect them
+    ranges = line_ranges(path, jobs)
     ctx = multiprocessing.get_context("fork")
-    blocks = _blocks(lines)
-    try:
-        with ctx.Pool(jobs) as pool:
-            yield from pool.imap(_fit_block, blocks, chunksize=1)
-    finally:
-        _child = None
-        loop.close()
+    shared = mmap.mmap(-1, 8 * len(ranges))  # anonymous: the children write, the parent reads
+    done = memoryview(shared).cast("q")
+    with ExitStack() as stack:
+        spills: list[IO[bytes] | None] = [None]
+        for _ in ranges[1:]:
+            spills.append(stack.enter_context(tempfile.TemporaryFile(prefix="tokenheap-fit-")))
+        out.flush()
+        settle_heap()  # frozen before the fork: children do not copy pages to collect them
+        children = [
+            ctx.Process(
+                target=_child,
+                args=(engine, path, start, end, limits, fmt, spill or out, done, k),
+                name=f"tokenheap-fit-{k}",
+            )
+            for k, ((start, end), spill) in enumerate(zip(ranges, spills, strict=True))
+        ]
+        try:
+            for child in children:
+                child.start()
+            if progress is not None:
+                progress(lambda: sum(done), lambda: all(not c.is_alive() for c in children))
+            return _collect(children, spills, out)
+        finally:
+            for child in children:
+                if child.is_alive():
+                    child.terminate()
+                child.join()
+            done.release()
+            shared.close()
 
 
-def _blocks(lines: Iterable[str]) -> Iterator[list[str]]:
-    it = (line for line in lines if line.strip())
-    while block := list(islice(it, BLOCK)):
-        yield block
+def _collect(
+    children: Sequence[multiprocessing.process.BaseProcess],
+    spills: list[IO[bytes] | None],
+    out: TextIO,
+) -> int:
+    codes: list[int] = []
+    for child, spill in zip(children, spills, strict=True):
+        child.join()
+        code = child.exitcode
+        if code is None or code not in (OK, FAILED, BAD_INPUT, BROKEN_PIPE):
+            raise JobsFailed(f"{child.name} stopped with exit code {code}: output incomplete")
+        if code in (BAD_INPUT, BROKEN_PIPE):
+            return 2 if code == BAD_INPUT else 1
+        if spill is not None:
+            spill.seek(0)
+            out.flush()
+            shutil.copyfileobj(spill, out.buffer)
+            out.buffer.flush()
+        codes.append(code)
+    return FAILED if FAILED in codes else OK
 
 
-def _fit_block(block: list[str]) -> tuple[str, int]:
-    if _child is None:  # pragma: no cover - only reached in a child forked without state
-        raise RuntimeError("fit worker started without an engine")
-    engine, limits, fmt, loop = _child
+def _child(
+    engine: Engine,
+    path: str,
+    start: int,
+    end: int,
+    limits: Limits,
+    fmt: Format,
+    sink_to: IO[bytes] | TextIO,
+    done: memoryview,
+    k: int,
+) -> None:
+    def advance(n: int) -> None:
+        done[k] = n
 
-    async def run() -> tuple[str, int]:
-        parts: list[str] = []
-        failed = 0
-        async for result in fit_lines(engine, block, limits):
+    sink: IO[str]
+    if isinstance(sink_to, io.TextIOBase):  # the first range: the output itself
+        sink = sink_to
+    else:  # a spill file, closed by os._exit below after the flush
+        sink = open(sink_to.fileno(), "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    failed = 0
+
+    async def run() -> None:
+        nonlocal failed
+        async for result in fit_lines(engine, range_lines(path, start, end, advance), limits):
             failed += result.status != "ok"
-            parts.append(fmt(result))
-        return "".join(parts), failed
+            sink.write(fmt(result))
+        await engine.aclose()
 
-    return loop.run_until_complete(run())
+    try:
+        asyncio.run(run())
+        sink.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os._exit(BROKEN_PIPE)
+    except UnicodeDecodeError as exc:
+        from worker.cli.inputs import not_text
+
+        print(f"tokenheap: {not_text(path, exc)}", file=sys.stderr, flush=True)
+        os._exit(BAD_INPUT)
+    os._exit(FAILED if failed else OK)
+
+
+def poll_progress(
+    bar: Callable[[int], None], bytes_done: Callable[[], int], finished: Callable[[], bool]
+) -> None:
+    """Advance `bar` to the bytes the children have read until they are all done."""
+    while not finished():
+        bar(bytes_done())
+        time.sleep(0.1)
+    bar(bytes_done())

@@ -249,7 +249,8 @@ def _fit(
                 big = os.path.getsize(source) > PARALLEL_MIN_BYTES
                 jobs = min(os.cpu_count() or 1, 2) if big else 1
             if jobs > 1:
-                return _fit_jobs(settings, backend, requests.texts, limits, table, jobs)
+                requests.close()  # each child reads its own range of the file
+                return _fit_jobs(settings, backend, source, limits, table, jobs)
         engine = build_engine(settings, backend)
         from worker.telemetry.logs import configure_logging
 
@@ -350,24 +351,33 @@ def _worker(settings: Settings) -> int:
 def _fit_jobs(
     settings: Settings,
     backend: BackendName | None,
-    lines: Iterable[str],
+    source: str,
     limits: Limits,
     table: bool,
     jobs: int,
 ) -> int:
-    from worker.cli.fitjobs import fit_parallel
+    from worker.cli.fitjobs import JobsFailed, fit_ranges, poll_progress
 
     view = table_view(load_catalog(settings.config_dir)) if table else None
 
     def fmt(result: FitResult) -> str:
         return (view(result) if view is not None else _dump(result, False)) + "\n"
 
-    failed = 0
+    def progress(done: Callable[[], int], finished: Callable[[], bool]) -> None:
+        from worker.cli.progress import byte_bar
+
+        with byte_bar(os.path.getsize(source)) as bar:
+            poll_progress(bar, done, finished)
+
+    from worker.cli.progress import wants_progress
+
+    shown = progress if wants_progress(os.path.getsize(source)) else None
     make = lambda: build_engine(settings, backend)  # noqa: E731 - called in the parent
-    for text, bad in fit_parallel(make, lines, limits, fmt, jobs):
-        sys.stdout.write(text)
-        failed += bad
-    return 1 if failed else 0
+    try:
+        return fit_ranges(make, source, limits, fmt, jobs, sys.stdout, shown)
+    except JobsFailed as exc:
+        print(f"tokenheap: {exc}", file=sys.stderr)
+        return 1
 
 
 def table_view(catalog: Catalog) -> Callable[[FitResult], str]:

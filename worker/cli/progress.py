@@ -7,7 +7,8 @@ transient, so it leaves nothing behind in the terminal's scrollback.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 from rich.console import Console
@@ -27,6 +28,17 @@ def with_progress(
     lines: Iterable[str], total_bytes: int, console: Console | None = None
 ) -> Iterator[str]:
     """`lines`, unchanged, advancing a bar by the UTF-8 size of each."""
+    with byte_bar(total_bytes, console) as advance:
+        read = 0
+        for line in lines:
+            read += len(line.encode("utf-8"))
+            advance(read)
+            yield line
+
+
+@contextmanager
+def byte_bar(total_bytes: int, console: Console | None = None) -> Iterator[Callable[[int], None]]:
+    """A transient bar; the callback sets the bytes done so far."""
     progress = Progress(
         TextColumn("fitting"),
         BarColumn(),
@@ -39,6 +51,4 @@ def with_progress(
     )
     with progress:
         task = progress.add_task("fit", total=total_bytes)
-        for line in lines:
-            progress.advance(task, len(line.encode("utf-8")))
-            yield line
+        yield lambda done: progress.update(task, completed=done)
