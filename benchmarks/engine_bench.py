@@ -86,5 +86,6 @@ def main() -> None:
         label = f"decode + Engine.fit_many ({b}) + model_dump_json"
         print(f"| {label} | {ms[b]:.3f} | {ms[b] / ms['floor']:.2f} |")
 
+
 if __name__ == "__main__":
     main()
