@@ -5,9 +5,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 import worker
+from worker.engine.request import AssemblyRequest
+from worker.engine.result import FitResult
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -96,3 +101,19 @@ def test_the_engine_runs_without_the_opentelemetry_sdk() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_blocking_api_never_formats_its_results(
+    monkeypatch: pytest.MonkeyPatch, make_request: Callable[..., AssemblyRequest]
+) -> None:
+    """asyncio.Runner (3.11) formats the finished task, result included, when it restores
+    its SIGINT handler; the blocking calls hand results back another way."""
+    formatted: list[str] = []
+    monkeypatch.setattr(
+        FitResult, "__repr__", lambda self: formatted.append(self.request_id) or "FitResult"
+    )
+    with worker.Engine() as engine:
+        one = engine.fit_sync(make_request(request_id="a"))
+        many = engine.fit_many_sync([make_request(request_id="b"), make_request(request_id="c")])
+    assert [r.request_id for r in (one, *many)] == ["a", "b", "c"]
+    assert formatted == []

@@ -73,15 +73,21 @@ class Costs:
         at = 3
         header, query, query_unit = counts[0], counts[1], counts[2]
         sums: list[tuple[int, int]] = []
+        per_message, per_name = framing.per_message, framing.per_name
         for bill in _bills(layout):
+            # one content text and no framing texts is every plain turn: no slices for it
             n, m = len(bill.content), len(bill.framing)
-            body = sum(counts[at : at + n]) + bill.content_extra * extra_scale
-            frame = sum(counts[at + n : at + n + m]) + bill.framing_extra * extra_scale
+            body = counts[at] if n == 1 else sum(counts[at : at + n])
+            frame = 0 if m == 0 else sum(counts[at + n : at + n + m])
+            if bill.content_extra:
+                body += bill.content_extra * extra_scale
+            if bill.framing_extra:
+                frame += bill.framing_extra * extra_scale
             at += n + m
-            if bill.role not in ("system", "tools"):
-                frame += framing.per_message + role.get(bill.role, 1)
+            if bill.role != "system" and bill.role != "tools":
+                frame += per_message + role.get(bill.role, 1)
                 if bill.named:
-                    frame += framing.per_name
+                    frame += per_name
             sums.append((body, frame))
         system = sums[0][0]
         history = sums[1:-2]

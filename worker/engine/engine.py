@@ -10,13 +10,13 @@ the count cache, the counting threads and the lazily created Claude count client
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from worker.catalog import Catalog, default_catalog, default_config_dir
 from worker.count.backends import BackendName, make_backend
@@ -103,7 +103,13 @@ class Engine:
 
     def fit_sync(self, req: AssemblyRequest) -> FitResult:
         """`fit` for code without an event loop."""
-        return self._sync().run(self.fit(req))
+        out: list[FitResult] = []
+
+        async def one() -> None:
+            out.append(await self.fit(req))
+
+        self._run(one())
+        return out[0]
 
     # -- many requests ---------------------------------------------------------------
 
@@ -131,10 +137,13 @@ class Engine:
     def fit_many_sync(self, items: Iterable[Item]) -> list[FitResult]:
         """`fit_many` for code without an event loop, collected into a list."""
 
-        async def collect() -> list[FitResult]:
-            return [r async for r in self.fit_many(items)]
+        out: list[FitResult] = []
 
-        return self._sync().run(collect())
+        async def collect() -> None:
+            out.extend([r async for r in self.fit_many(items)])
+
+        self._run(collect())
+        return out
 
     def _begin(self, item: Item) -> fit_local.Started | FitResult | asyncio.Task[FitResult]:
         if isinstance(item, FitResult):
@@ -224,6 +233,13 @@ class Engine:
             runner.run(self.aclose())
         finally:
             runner.close()
+
+    def _run(self, main: Coroutine[Any, Any, None]) -> None:
+        """Run `main` on the blocking API's loop. The coroutines return None on purpose:
+        asyncio.Runner (3.11) restores its SIGINT handler through `signal.getsignal`, which
+        formats the handler, and so the finished task and its result, into an error message
+        it then drops: a repr of every result, about as costly as the fit itself."""
+        self._sync().run(main)
 
     def _sync(self) -> asyncio.Runner:
         """One loop for every blocking call, so a Claude client created on it stays usable."""
