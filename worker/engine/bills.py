@@ -42,6 +42,9 @@ def record(
     return seen, extra, reasons
 
 
+_NONE: dict[str, Any] = {}
+
+
 def openai_bill(msg: Any, model: str, rules: PayloadRules) -> Bill:
     """The cookbook's framing for role, content and name; the stated recipes in
     `providers.tools` for tool_calls and tool messages; images by OpenAI's rule."""
@@ -68,13 +71,16 @@ def openai_bill(msg: Any, model: str, rules: PayloadRules) -> Bill:
                 _, _, b64 = data.partition(";base64,")
                 extra += pdf_tokens(b64, rules) if b64 else rules.document_rules.tokens_per_page
                 reasons.add(PDF_ESTIMATE)
-    name = getattr(msg, "name", None)
+    # A role's model declares some of these fields and not others: read the declared ones
+    # from the instance dict (a missing one through getattr is pydantic's slow path).
+    fields: dict[str, Any] = getattr(msg, "__dict__", _NONE)
+    name = fields.get("name")
     if name is not None:
         framing.append(name)
-    refusal = getattr(msg, "refusal", None)
+    refusal = fields.get("refusal")
     if refusal is not None:
         content.append(refusal)
-    calls = getattr(msg, "tool_calls", None)
+    calls = fields.get("tool_calls")
     if calls:
         dumped = [c.sdk() for c in calls]
         texts, more, why = record(lambda count: count_tool_calls(dumped, count, rules))
