@@ -1,0 +1,51 @@
+"""The local counter: small misses counted on the caller's thread, large ones on the
+counting threads, the same counts either way, each distinct piece once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from worker.count.backends import TiktokenBackend
+from worker.count.cache import CountCache
+from worker.count.local import LocalCounter
+from worker.count.vocab import encoding
+
+
+class _Recording(ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.submitted: list[int] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.submitted.append(len(args[0]))
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.fixture
+def counter() -> Any:
+    enc = encoding("o200k_base")
+    pool = _Recording()
+    yield LocalCounter(enc, cache=CountCache(), executor=pool, backend=TiktokenBackend(enc)), pool
+    pool.shutdown()
+
+
+def test_small_misses_are_counted_here_and_large_ones_on_the_threads(counter: Any) -> None:
+    local, pool = counter
+    enc = encoding("o200k_base")
+    limit = local.backend.inline_chars
+    small = ["hello there", "x" * (limit - 20)]
+    pending = local.submit(small)
+    assert all(f.done() for f in pending.futures) and pool.submitted == []
+    assert pending.result()[0] == [len(enc.encode_ordinary(t)) for t in small]
+    large = ["word " * (limit // 4), "another text"]
+    counts, hits, misses = local.count(large)
+    assert pool.submitted == [2]
+    assert counts == [len(enc.encode_ordinary(t)) for t in large]
+    assert (hits, misses) == (0, 2)
+    again, hits, misses = local.count([*small, *large])
+    assert again == [*pending.result()[0], *counts] and (hits, misses) == (4, 0)
+    assert pool.submitted == [2]  # answered by the cache
