@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+if TYPE_CHECKING:  # rich takes ~35 ms to import: only a bar that is drawn pays for it
+    from rich.console import Console
 
 PROGRESS_MIN_BYTES = 1024 * 1024
 """Files smaller than this finish before a bar would be worth drawing."""
@@ -27,6 +27,9 @@ def with_progress(
     lines: Iterable[str], total_bytes: int, console: Console | None = None
 ) -> Iterator[str]:
     """`lines`, unchanged, advancing a bar by the UTF-8 size of each."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
     progress = Progress(
         TextColumn("fitting"),
         BarColumn(),
