@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -24,6 +25,12 @@ if TYPE_CHECKING:  # imported where used: `fit` checks its input before the engi
     from worker.telemetry.hooks import Telemetry
 
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024
+HELPER_MAX_BYTES = 1024 * 1024
+"""Inputs up to this size count in a helper process (worker.count.vocab): the run is short
+enough that building the vocabulary would be most of it. Longer runs build their own."""
+GUESSED_ENCODING = "o200k_base"
+"""The helper's encoding when models.yaml does not name the first request's: the newest
+OpenAI models' and the one Claude's local estimate counts with (fit_api.LOCAL_ENCODING)."""
 
 
 EXIT_CODES = """exit codes:
@@ -254,9 +261,43 @@ def _fit(source: str, table: bool, backend: BackendName | None, jobs: int) -> in
 
     requests = read_requests(source)  # a missing or unreadable input fails before the imports
     try:
+        if _short(requests, source, backend, jobs):
+            from worker.count.vocab import start_helper
+
+            start_helper(_encoding_of_first(requests.first))
         return _fit_requests(requests, source, table, backend, jobs)
     finally:
         requests.close()
+
+
+def _short(requests: Requests, source: str, backend: BackendName | None, jobs: int) -> bool:
+    """Whether the run is short enough for the helper: one document or a small file, one
+    process (`--jobs` forks its children from an engine with its own vocabulary)."""
+    if not requests.first or backend == "fastokens" or jobs > 1:
+        return False
+    return requests.document or (source != "-" and os.path.getsize(source) <= HELPER_MAX_BYTES)
+
+
+def _encoding_of_first(first: str) -> str:
+    """The encoding the first request counts with, as models.yaml names it (read by
+    worker.configfiles: the catalog is not built yet, and finds the file parsed). A wrong
+    guess only costs the helper's work, never a result."""
+    from worker.configfiles import default_config_dir, model_key, read_yaml
+
+    try:
+        doc = json.loads(first) if len(first) <= HELPER_MAX_BYTES else None
+        model = doc.get("model") if isinstance(doc, dict) else None
+        models = read_yaml(default_config_dir() / "models.yaml").get("models")
+    except (ValueError, TokenheapError):  # its error is reported with the request's result
+        return GUESSED_ENCODING
+    if not isinstance(model, str) or not isinstance(models, dict):
+        return GUESSED_ENCODING
+    key = model_key(models, model)
+    row = models.get(key) if key is not None else None
+    if not isinstance(row, dict) or row.get("provider") != "openai":
+        return GUESSED_ENCODING
+    name = row.get("encoding")
+    return name if isinstance(name, str) else GUESSED_ENCODING
 
 
 def _fit_requests(
