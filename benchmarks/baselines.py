@@ -6,15 +6,26 @@ seed       the seed's algorithm: count every piece every time (tiktoken), histor
 langchain  langchain-core's trim_messages with a tiktoken counter over the same messages.
 tiktoken   tiktoken counting every text of every request once, nothing else (the floor
            for a cold file: "no slower than tiktoken counting the same text alone").
+io-floor   the I/O floor: each line parsed with json.loads and written back with
+           json.dumps, one line each, and nothing else (no vocabulary, no tokenheap import):
+           what any process that reads requests and writes results pays.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from worker.count.vocab import encoding
+if TYPE_CHECKING:
+    import tiktoken
+
+
+def encoding(name: str) -> tiktoken.Encoding:
+    """The shipped vocabulary, imported here so that `io-floor` pays for none of it."""
+    from worker.count.vocab import encoding as shipped
+
+    return shipped(name)
 
 
 def seed(lines: list[str]) -> None:
@@ -125,7 +136,14 @@ def tiktoken_batch(lines: list[str]) -> None:
     sys.stdout.write(f"{total}\n")
 
 
+def io_floor(lines: list[str]) -> None:
+    out = sys.stdout
+    for line in lines:
+        out.write(json.dumps(json.loads(line)) + "\n")
+
+
 KINDS = {
+    "io-floor": io_floor,
     "seed": seed,
     "langchain": langchain,
     "tiktoken": tiktoken_only,

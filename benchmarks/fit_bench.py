@@ -1,14 +1,24 @@
 """`tokenheap fit` as a whole process on JSONL files, side by side with its baselines.
 
     python -m benchmarks.fit_bench [--rounds 5] [--conversations 40] [--turns 12]
+        [--other-tree /tmp/base]
 
 Every contender is a fresh process reading the same file; rounds interleave the contenders
 so a noisy neighbour slows them alike. Figures are medians; ratios are what to quote.
+
+The start-up rows time `python -c pass` and `tokenheap fit` on a file of one request (the
+reuse file's first). `--other-tree` adds that tree's `tokenheap fit` (another checkout, e.g.
+`git worktree add --detach /tmp/base <commit>`) on the one-request and reuse files, run
+from its own folder, so a change is measured against its base in the same run. Bytecode
+is compiled first for every tree run, as an installed package has it (this environment
+sets PYTHONDONTWRITEBYTECODE, which would otherwise recompile tokenheap in every process).
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
+import os
 import statistics
 import subprocess
 import sys
@@ -20,13 +30,23 @@ from benchmarks.workload import write
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
 PY = sys.executable
+Contender = tuple[list[str], Path, Path]
+"""(command, input file, folder it runs in)."""
 
 
-def contenders(reuse: Path, cold: Path, agent: Path) -> dict[str, tuple[list[str], Path]]:
+def contenders(
+    reuse: Path, cold: Path, agent: Path, one: Path, other: Path | None = None
+) -> dict[str, Contender]:
     fit = [PY, "-m", "worker", "fit"]
     base = [PY, "-m", "benchmarks.baselines"]
-    return {
+    rows: dict[str, tuple[list[str], Path]] = {
+        "python -c pass (start-up)": ([PY, "-c", "pass"], one),
+        "tokenheap fit, 1 request (start-up)": ([*fit, str(one)], one),
         "tokenheap fit (reuse)": ([*fit, str(reuse)], reuse),
+        "I/O floor: json.loads + json.dumps per line (reuse)": (
+            [*base, "io-floor", str(reuse)],
+            reuse,
+        ),
         "seed algorithm (reuse)": ([*base, "seed", str(reuse)], reuse),
         "langchain trim_messages (reuse)": ([*base, "langchain", str(reuse)], reuse),
         "tokenheap fit (cold)": ([*fit, str(cold)], cold),
@@ -36,11 +56,18 @@ def contenders(reuse: Path, cold: Path, agent: Path) -> dict[str, tuple[list[str
         # native tool calls, tool messages and tool definitions (no baseline counts them)
         "tokenheap fit (agent)": ([*fit, str(agent)], agent),
     }
+    out = {name: (cmd, path, ROOT) for name, (cmd, path) in rows.items()}
+    if other is not None:
+        out["other tree: tokenheap fit, 1 request (start-up)"] = ([*fit, str(one)], one, other)
+        out["other tree: tokenheap fit (reuse)"] = ([*fit, str(reuse)], reuse, other)
+    return out
 
 
-def run_once(cmd: list[str]) -> float:
+def run_once(cmd: list[str], cwd: Path) -> float:
+    """Wall time of one process; `-m worker` imports the tree it runs in (cwd comes first)."""
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, check=True)
     return time.perf_counter() - start
 
 
@@ -50,6 +77,7 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=50)
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--other-tree", type=Path, help="another checkout to time beside this one")
     args = ap.parse_args()
     kw = {
         "conversations": args.conversations,
@@ -59,17 +87,26 @@ def main() -> None:
     reuse = write("reuse", DATA / "reuse.jsonl", **kw)
     cold = write("cold", DATA / "cold.jsonl", **kw)
     agent = write("agent", DATA / "agent.jsonl", **kw)
+    one = DATA / "one.jsonl"
+    with reuse.open(encoding="utf-8") as f:
+        one.write_text(f.readline(), encoding="utf-8")
     n = args.conversations * args.turns
     for path in (reuse, cold, agent):
         mb = path.stat().st_size / 1e6
         print(f"{path.name}: {n} requests, {mb:.1f} MB")
-    cmds = contenders(reuse, cold, agent)
+    other = args.other_tree.resolve() if args.other_tree else None
+    for tree in (ROOT, other):
+        if tree is not None:
+            compileall.compile_dir(tree / "worker", quiet=1)
+    compileall.compile_dir(ROOT / "benchmarks", quiet=1)
+    cmds = contenders(reuse, cold, agent, one, other)
     times: dict[str, list[float]] = {name: [] for name in cmds}
     for _ in range(args.rounds):
-        for name, (cmd, _) in cmds.items():
-            times[name].append(run_once(cmd))
+        for name, (cmd, _, cwd) in cmds.items():
+            times[name].append(run_once(cmd, cwd))
     med = {name: statistics.median(ts) for name, ts in times.items()}
     ref = {
+        "start-up": med["tokenheap fit, 1 request (start-up)"],
         "reuse": med["tokenheap fit (reuse)"],
         "cold": med["tokenheap fit (cold)"],
         "agent": med["tokenheap fit (agent)"],
@@ -80,7 +117,15 @@ def main() -> None:
     for name, t in med.items():
         kind = next(k for k in ref if f"({k})" in name)
         ratio = t / ref[kind]
-        print(f"| {name} | {t:.2f} | {n / t:.0f} | {ratio:.2f} |")
+        rate = f"{n / t:.0f}" if kind != "start-up" else "-"
+        print(f"| {name} | {t:.3f} | {rate} | {ratio:.2f} |")
+    interp = med["python -c pass (start-up)"]
+    floor = med["I/O floor: json.loads + json.dumps per line (reuse)"]
+    print(f"\nstart-up above the interpreter: {ref['start-up'] - interp:.3f} s (target <= 0.3 s)")
+    if other is not None:
+        theirs = med["other tree: tokenheap fit, 1 request (start-up)"] - interp
+        print(f"  other tree: {theirs:.3f} s")
+    print(f"tokenheap fit (reuse) / I/O floor (reuse): {ref['reuse'] / floor:.2f}x (target <= 3x)")
 
 
 if __name__ == "__main__":

@@ -7,16 +7,17 @@ Loaded once at startup and validated, so a bad file stops the process before it 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import string
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from worker.configfiles import default_config_dir as default_config_dir  # re-exported
+from worker.configfiles import model_key
+from worker.configfiles import read_yaml as read_yaml  # re-exported
 from worker.errors import ConfigError, UnknownModel, UnknownProfile
 
 Provider = Literal["openai", "anthropic"]
@@ -171,7 +172,7 @@ class Catalog(_Frozen):
         found = self.models.get(name)
         if found is not None:
             return found
-        best = max((k for k in self.models if name.startswith(k + "-")), key=len, default=None)
+        best = model_key(self.models, name)
         if best is None:
             raise UnknownModel(
                 f"unknown model {name!r}: add it to config/models.yaml "
@@ -186,18 +187,6 @@ class Catalog(_Frozen):
             raise UnknownProfile(
                 f"unknown budget profile {name!r}; known: {', '.join(sorted(self.profiles))}"
             ) from None
-
-
-def default_config_dir() -> Path:
-    """`TOKENHEAP_CONFIG_DIR`, else the checkout's `config/`, else the copy inside the wheel."""
-    env = os.environ.get("TOKENHEAP_CONFIG_DIR")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "config", here / "_config"):
-        if (candidate / "models.yaml").is_file():
-            return candidate
-    raise ConfigError("no config directory: set TOKENHEAP_CONFIG_DIR to a folder with models.yaml")
 
 
 def load_catalog(config_dir: Path | None = None) -> Catalog:
@@ -223,27 +212,3 @@ def load_catalog(config_dir: Path | None = None) -> Catalog:
 @cache
 def default_catalog() -> Catalog:
     return load_catalog()
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A config file as a mapping (ConfigError if it cannot be read). Parsed with libyaml
-    where PyYAML has it (~8x faster on models.yaml), and once per file version: the
-    catalog, the payload rules and the Claude tokenizers all read models.yaml. The mapping
-    is shared: callers read it, never change it."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    return _parsed(str(path), st.st_mtime_ns, st.st_size)
-
-
-@cache
-def _parsed(path: str, _mtime_ns: int, _size: int) -> dict[str, Any]:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    try:
-        doc = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=loader)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path} must hold a mapping")
-    return doc

@@ -117,3 +117,43 @@ def test_the_blocking_api_never_formats_its_results(
         many = engine.fit_many_sync([make_request(request_id="b"), make_request(request_id="c")])
     assert [r.request_id for r in (one, *many)] == ["a", "b", "c"]
     assert formatted == []
+
+
+def _after_fit(args: list[str]) -> list[str]:
+    """A `tokenheap fit` run in a fresh interpreter: its exit code, which of some heavy
+    packages it imported, and whether it counted with a vocabulary built in this process."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from worker.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    code = main({args!r})\n"
+        "names = {m.split('.')[0] for m in sys.modules}\n"
+        "names |= {'.'.join(m.split('.')[:2]) for m in sys.modules if m.startswith('worker.')}\n"
+        "watched = {'rich', 'anthropic', 'aiokafka', 'pydantic', 'tiktoken', 'worker.engine',"
+        " 'worker.stream'}\n"
+        "print(code)\n"
+        "print(sorted(names & watched))\n"
+        "vocab = sys.modules.get('worker.count.vocab')\n"
+        "used = vocab is not None and vocab.encoding.cache_info().currsize > 0\n"
+        "enc = vocab.encoding('o200k_base') if used else None\n"
+        "print('built here' if enc is not None and '_core_bpe' in enc.__dict__ else 'not here')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=README.parent
+    )
+    return out.stdout.strip().splitlines()
+
+
+def test_fit_of_a_missing_file_loads_nothing_heavy() -> None:
+    """Arguments and input are checked before the engine is imported (~0.3 s)."""
+    assert _after_fit(["fit", "/nonexistent/requests.jsonl"]) == ["2", "[]", "not here"]
+
+
+def test_a_short_openai_fit_loads_no_rich_no_anthropic_and_no_vocabulary_here() -> None:
+    """One OpenAI request: no progress bar or table (rich), no Claude SDK, no Kafka; the
+    vocabulary is built and used in the helper process (worker.count.vocab), not here."""
+    assert _after_fit(["fit", "examples/request.json"]) == [
+        "0",
+        "['pydantic', 'tiktoken', 'worker.engine']",
+        "not here",
+    ]

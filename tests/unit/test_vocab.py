@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,39 @@ def test_shipped_pattern_and_special_tokens_are_tiktokens(
     ours = vocab.encoding(name)
     assert ours._pat_str == theirs["pat_str"]
     assert ours._special_tokens == theirs["special_tokens"]
+
+
+def test_the_helper_process_counts_as_this_process_would() -> None:
+    """A short `fit` counts in a helper process that built the vocabulary beside it; the
+    counts are tiktoken's own, and this process builds its own encoding when something
+    needs tokens (a truncation), then counts here. Run in a fresh interpreter: the helper
+    is forked before any thread or encoding exists."""
+    code = (
+        "from worker.count import vocab\n"
+        "assert vocab.start_helper('o200k_base')\n"
+        "enc = vocab.encoding('o200k_base')\n"
+        "texts = ['hello world', '', 'a\\ud800b', '<|endoftext|> x', '\\u00e9' * 5000]\n"
+        "remote = enc.count_ordinary(texts)\n"
+        "assert '_core_bpe' not in enc.__dict__, 'built here, not in the helper'\n"
+        "assert enc.encode_ordinary('hello world') == [24912, 2375]\n"
+        "assert '_core_bpe' in enc.__dict__\n"
+        "assert enc.count_ordinary(texts) == remote\n"
+        "print(remote)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    enc = vocab.encoding("o200k_base")
+    texts = ["hello world", "", "a\ud800b", "<|endoftext|> x", "\u00e9" * 5000]
+    assert out.stdout.strip() == str([len(enc.encode_ordinary(t)) for t in texts])
+
+
+def test_a_helper_that_cannot_answer_leaves_counting_here() -> None:
+    code = (
+        "import os, signal\n"
+        "from worker.count import vocab\n"
+        "assert vocab.start_helper('cl100k_base')\n"
+        "enc = vocab.encoding('cl100k_base')\n"
+        "os.kill(vocab._helpers['cl100k_base'].pid, signal.SIGKILL)\n"
+        "print(enc.count_ordinary(['hello world', 'x']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[2, 1]"

@@ -34,6 +34,8 @@ class Requests:
     document: bool
     stream: TextIO
     name: str
+    first: str = ""
+    """The first request's text (also the first of `texts`), for a look ahead at its model."""
 
     def close(self) -> None:
         if self.stream is not sys.stdin:
@@ -70,15 +72,16 @@ def read_requests(source: str) -> Requests:
             return Requests(iter(()), document=False, stream=stream, name=name)
         if _parses(first):
             lines = (line for line in chain([first], stream) if line.strip())
-            return Requests(lines, document=False, stream=stream, name=name)
+            return Requests(lines, document=False, stream=stream, name=name, first=first)
         whole = first + stream.read()
     except UnicodeDecodeError as exc:
         stream.close() if stream is not sys.stdin else None
         raise not_text(name, exc) from None
     if _parses(whole) or whole.count("\n") <= 1:
-        return Requests(iter([whole.replace("\n", " ")]), document=True, stream=stream, name=name)
+        text = whole.replace("\n", " ")
+        return Requests(iter([text]), document=True, stream=stream, name=name, first=text)
     lines = (line for line in whole.splitlines() if line.strip())
-    return Requests(lines, document=False, stream=stream, name=name)
+    return Requests(lines, document=False, stream=stream, name=name, first=first)
 
 
 def not_text(name: str, exc: UnicodeDecodeError) -> InputError:

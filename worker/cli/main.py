@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from worker.build import build_engine, limits_of
-from worker.catalog import Catalog, load_catalog
-from worker.count.backends import BackendName
-from worker.engine.decode import Limits
-from worker.engine.engine import Engine
-from worker.engine.result import FitResult
 from worker.errors import TokenheapError
 from worker.runtime import settle_heap
-from worker.settings import Settings
-from worker.telemetry.hooks import NoopTelemetry, Telemetry
+
+if TYPE_CHECKING:  # imported where used: `fit` checks its input before the engine loads
+    from worker.catalog import Catalog
+    from worker.cli.inputs import Requests
+    from worker.count.backends import BackendName
+    from worker.engine.decode import Limits
+    from worker.engine.engine import Engine
+    from worker.engine.result import FitResult
+    from worker.settings import Settings
+    from worker.telemetry.hooks import Telemetry
 
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024
+HELPER_MAX_BYTES = 1024 * 1024
+"""Inputs up to this size count in a helper process (worker.count.vocab): the run is short
+enough that building the vocabulary would be most of it. Longer runs build their own."""
+GUESSED_ENCODING = "o200k_base"
+"""The helper's encoding when models.yaml does not name the first request's: the newest
+OpenAI models' and the one Claude's local estimate counts with (fit_api.LOCAL_ENCODING)."""
 
 
 EXIT_CODES = """exit codes:
@@ -32,14 +40,29 @@ EXIT_CODES = """exit codes:
   2  usage or configuration error: a bad option, input file or setting"""
 
 
-def _parser() -> argparse.ArgumentParser:
-    from worker import __version__
+class _Version(argparse._VersionAction):
+    """`--version`, reading the installed version only when asked: importlib.metadata
+    takes ~15 ms to import, which every other command would pay for nothing."""
 
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        from worker import __version__
+
+        self.version = f"tokenheap {__version__}"
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="tokenheap", description=__doc__, epilog=EXIT_CODES, formatter_class=fmt
     )
-    parser.add_argument("--version", action="version", version=f"tokenheap {__version__}")
+    parser.add_argument("--version", action=_Version, version="tokenheap")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     fit = sub.add_parser(
         "fit",
@@ -145,10 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "fit":
+        return _fit(args.source, args.table, args.backend, args.jobs)
+    import asyncio
+
     from worker.cli.config import check_limits, load_settings
 
-    if args.cmd == "fit":
-        return _fit(load_settings(), args.source, args.table, args.backend, args.jobs)
     if args.cmd == "send":
         settings = load_settings()
         check_limits(settings)
@@ -188,8 +213,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _send(settings: Settings, source: str, timeout_s: float, table: bool) -> int:
+    import asyncio
+
+    from worker.catalog import load_catalog
     from worker.cli.inputs import read_requests
     from worker.cli.send import outbound, send
+    from worker.engine.result import FitResult
 
     view = table_view(load_catalog(settings.config_dir)) if table else None
     requests = read_requests(source)
@@ -212,6 +241,8 @@ def _send(settings: Settings, source: str, timeout_s: float, table: bool) -> int
 def _tail(
     settings: Settings, which: str, from_beginning: bool, limit: int | None, idle: float | None
 ) -> int:
+    import asyncio
+
     from worker.cli.send import tail
 
     topic = str(getattr(settings, f"{which}_topic"))
@@ -226,54 +257,101 @@ def _tail(
     return 0
 
 
-def _fit(
-    settings: Settings, source: str, table: bool, backend: BackendName | None, jobs: int
-) -> int:
+def _fit(source: str, table: bool, backend: BackendName | None, jobs: int) -> int:
     from worker.cli.inputs import read_requests
 
+    requests = read_requests(source)  # a missing or unreadable input fails before the imports
+    try:
+        if _short(requests, source, backend, jobs):
+            from worker.count.vocab import start_helper
+
+            start_helper(_encoding_of_first(requests.first))
+        return _fit_requests(requests, source, table, backend, jobs)
+    finally:
+        requests.close()
+
+
+def _short(requests: Requests, source: str, backend: BackendName | None, jobs: int) -> bool:
+    """Whether the run is short enough for the helper: a small document or file, in one
+    process (`--jobs` forks its children from an engine with its own vocabulary)."""
+    if not requests.first or backend == "fastokens" or jobs > 1:
+        return False
+    if requests.document:  # a huge one counts faster on this process's two threads
+        return len(requests.first) <= HELPER_MAX_BYTES
+    return source != "-" and os.path.getsize(source) <= HELPER_MAX_BYTES
+
+
+def _encoding_of_first(first: str) -> str:
+    """The encoding the first request counts with, as models.yaml names it (read by
+    worker.configfiles: the catalog is not built yet, and finds the file parsed). A wrong
+    guess only costs the helper's work, never a result."""
+    from worker.configfiles import default_config_dir, model_key, read_yaml
+
+    try:
+        doc = json.loads(first) if len(first) <= HELPER_MAX_BYTES else None
+        model = doc.get("model") if isinstance(doc, dict) else None
+        models = read_yaml(default_config_dir() / "models.yaml").get("models")
+    except (ValueError, TokenheapError):  # its error is reported with the request's result
+        return GUESSED_ENCODING
+    if not isinstance(model, str) or not isinstance(models, dict):
+        return GUESSED_ENCODING
+    key = model_key(models, model)
+    row = models.get(key) if key is not None else None
+    if not isinstance(row, dict) or row.get("provider") != "openai":
+        return GUESSED_ENCODING
+    name = row.get("encoding")
+    return name if isinstance(name, str) else GUESSED_ENCODING
+
+
+def _fit_requests(
+    requests: Requests, source: str, table: bool, backend: BackendName | None, jobs: int
+) -> int:
+    import asyncio
+
+    from worker.build import build_engine, limits_of
+    from worker.cli.config import load_settings
+    from worker.telemetry.hooks import NoopTelemetry
+
+    settings = load_settings()
     if backend is None and settings.count_backend == "auto":
         backend = "tiktoken"  # a short-lived process: load time beats counting speed
     limits = limits_of(settings)
     out = sys.stdout
-    requests = read_requests(source)
     pretty = requests.document or source.endswith(".json")
     if not requests.document and source != "-":
-        from worker.cli.progress import wants_progress, with_progress
+        from worker.cli.progress import wants_progress
 
         size = os.path.getsize(source)
         if wants_progress(size):
+            from worker.cli.progress import with_progress
+
             requests.texts = with_progress(requests.texts, size)
+    if not requests.document and source != "-":
+        if jobs == 0:
+            big = os.path.getsize(source) > PARALLEL_MIN_BYTES
+            jobs = min(os.cpu_count() or 1, 2) if big else 1
+        if jobs > 1:
+            requests.close()  # each child reads its own range of the file
+            return _fit_jobs(settings, backend, source, limits, table, jobs)
+    engine = build_engine(settings, backend)
+    from worker.telemetry.logs import configure_logging
+
+    configure_logging("WARNING", json_lines=settings.log_format == "json")  # stdout is data
+    otel = None
+    if _exporting():  # otherwise nothing would receive it: skip the SDK altogether
+        from worker.telemetry.otel import build_telemetry
+
+        otel = build_telemetry(catalog=engine.catalog, anthropic=lambda: engine.anthropic_started)
+    telemetry: Telemetry = otel or NoopTelemetry()
+    settle_heap()  # start-up is over: what it built is out of the collector's way
     try:
-        if not requests.document and source != "-":
-            if jobs == 0:
-                big = os.path.getsize(source) > PARALLEL_MIN_BYTES
-                jobs = min(os.cpu_count() or 1, 2) if big else 1
-            if jobs > 1:
-                requests.close()  # each child reads its own range of the file
-                return _fit_jobs(settings, backend, source, limits, table, jobs)
-        engine = build_engine(settings, backend)
-        from worker.telemetry.logs import configure_logging
-
-        configure_logging("WARNING", json_lines=settings.log_format == "json")  # stdout is data
-        otel = None
-        if _exporting():  # otherwise nothing would receive it: skip the SDK altogether
-            from worker.telemetry.otel import build_telemetry
-
-            otel = build_telemetry(
-                catalog=engine.catalog, anthropic=lambda: engine.anthropic_started
+        with otel.run() if otel else nullcontext():
+            failed = asyncio.run(
+                _emit(engine, requests.texts, limits, out, table, pretty, telemetry)
             )
-        telemetry: Telemetry = otel or NoopTelemetry()
-        settle_heap()  # start-up is over: what it built is out of the collector's way
-        try:
-            with otel.run() if otel else nullcontext():
-                failed = asyncio.run(
-                    _emit(engine, requests.texts, limits, out, table, pretty, telemetry)
-                )
-        finally:
-            if otel:
-                otel.shutdown()
     finally:
-        requests.close()
+        if otel:
+            otel.shutdown()
     return 1 if failed else 0
 
 
@@ -324,6 +402,7 @@ async def _emit(
 
 
 def _worker(settings: Settings) -> int:
+    from worker.catalog import load_catalog
     from worker.stream.service import run_worker
     from worker.telemetry.logs import configure_logging
     from worker.telemetry.otel import build_telemetry
@@ -356,6 +435,8 @@ def _fit_jobs(
     table: bool,
     jobs: int,
 ) -> int:
+    from worker.build import build_engine
+    from worker.catalog import load_catalog
     from worker.cli.fitjobs import JobsFailed, fit_ranges, poll_progress
 
     view = table_view(load_catalog(settings.config_dir)) if table else None

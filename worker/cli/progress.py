@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+if TYPE_CHECKING:  # rich takes ~35 ms to import: only a bar that is drawn pays for it
+    from rich.console import Console
 
 PROGRESS_MIN_BYTES = 1024 * 1024
 """Files smaller than this finish before a bar would be worth drawing."""
@@ -39,6 +39,9 @@ def with_progress(
 @contextmanager
 def byte_bar(total_bytes: int, console: Console | None = None) -> Iterator[Callable[[int], None]]:
     """A transient bar; the callback sets the bytes done so far."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
     progress = Progress(
         TextColumn("fitting"),
         BarColumn(),
