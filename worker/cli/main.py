@@ -391,11 +391,8 @@ async def _emit(
             telemetry.on_result(None, result, now - last)
             last = now
             failed += result.status != "ok"
-            if view is not None:
-                out.write(view(result))
-            else:
-                out.write(_dump(result, pretty))
-            out.write("\n")
+            text = view(result) if view is not None else _dump(result, pretty)
+            out.write(text + "\n")  # one write: stdout may be unbuffered (PYTHONUNBUFFERED)
     finally:
         await engine.aclose()
     return failed
