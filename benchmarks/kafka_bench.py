@@ -3,7 +3,7 @@ consume -> produce passthrough on the same broker, topics layout and messages; a
 worker processes.
 
     python -m benchmarks.kafka_bench [--requests 8000] [--latency-requests 1000]
-                                     [--base-tree DIR]
+                                     [--base-tree DIR] [--rounds 1]
 
 It starts its own single-node broker (ops/kafka/broker.py). Requests are built from real
 text (benchmarks/corpus.py): a shared system prompt, 6 history turns, 8 retrieved chunks and
@@ -20,6 +20,7 @@ latency     the system runs idle, then requests arrive at a fixed rate; time fro
 --base-tree another checkout of tokenheap (e.g. `git worktree add --detach DIR <commit>`):
             its worker runs beside this tree's, rows interleaved, each system started with
             PYTHONPATH and the working directory of its own tree.
+--rounds    every measurement repeated, the systems interleaved in each round; medians.
 All but the last row are at-least-once (acked produce, then commit); the exactly-once row
 shows what transactions cost (results become visible when the transaction commits, once
 per commit interval). Figures are machine-bound (2 cores share the broker, the systems and
@@ -410,16 +411,25 @@ def contenders(bootstrap: str, logs: Path, base: Path | None) -> list[System]:
 
 
 async def bench(
-    bootstrap: str, n: int, n_latency: int, logs: Path, base: Path | None = None
+    bootstrap: str,
+    n: int,
+    n_latency: int,
+    logs: Path,
+    base: Path | None = None,
+    rounds: int = 1,
 ) -> list[Row]:
     values = [build_request(i) for i in range(n)]
     size = statistics.mean(len(v) for v in values)
     print(f"{n} requests, {size / 1024:.1f} KB each on average, {PARTITIONS} partitions")
     systems = contenders(bootstrap, logs, base)
     rows = [Row(s.label, s.kind) for s in systems]
-    for system, row in zip(systems, rows, strict=True):
-        row.rate = await throughput(system, values)
-        print(f"  throughput  {system.label:<40} {row.rate:8.0f} req/s")
+    rates: list[list[float]] = [[] for _ in systems]
+    for _ in range(rounds):
+        for system, seen in zip(systems, rates, strict=True):
+            seen.append(await throughput(system, values))
+            print(f"  throughput  {system.label:<40} {seen[-1]:8.0f} req/s")
+    for row, seen in zip(rows, rates, strict=True):
+        row.rate = statistics.median(seen)
     slowest = 0.5 * min(r.rate for r in rows if r.kind != "worker-eos")
     half = 0.5 * rows[0].rate
     for at_half, rate, what in (
@@ -427,13 +437,19 @@ async def bench(
         (True, half, "half the passthrough's"),
     ):
         print(f"latency at {rate:.0f} req/s ({what})")
-        for system, row in zip(systems, rows, strict=True):
-            p50, p99 = await latency(system, values[:n_latency], rate)
+        seen_ms: list[list[tuple[float, float]]] = [[] for _ in systems]
+        for _ in range(rounds):
+            for system, pairs in zip(systems, seen_ms, strict=True):
+                p50, p99 = await latency(system, values[:n_latency], rate)
+                pairs.append((p50, p99))
+                print(f"  latency     {system.label:<40} p50 {p50:7.1f} ms  p99 {p99:7.1f} ms")
+        for row, pairs in zip(rows, seen_ms, strict=True):
+            p50 = statistics.median(x[0] for x in pairs)
+            p99 = statistics.median(x[1] for x in pairs)
             if at_half:
                 row.half_p50, row.half_p99 = p50, p99
             else:
                 row.p50, row.p99 = p50, p99
-            print(f"  latency     {system.label:<40} p50 {p50:7.1f} ms  p99 {p99:7.1f} ms")
     return rows
 
 
@@ -528,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pt.add_argument("--ready-file", type=Path, required=True)
     parser.add_argument("--requests", type=int, default=8000)
     parser.add_argument("--latency-requests", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument(
         "--base-tree",
         type=Path,
@@ -541,7 +558,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kafka-bench-") as tmp, broker_module.Broker() as b:
         print(f"broker {b.bootstrap} (started in {b.startup_seconds:.1f} s)")
         rows = asyncio.run(
-            bench(b.bootstrap, args.requests, args.latency_requests, Path(tmp), args.base_tree)
+            bench(
+                b.bootstrap,
+                args.requests,
+                args.latency_requests,
+                Path(tmp),
+                args.base_tree,
+                args.rounds,
+            )
         )
     print()
     print(table(rows))
