@@ -3,6 +3,7 @@ consume -> produce passthrough on the same broker, topics layout and messages; a
 worker processes.
 
     python -m benchmarks.kafka_bench [--requests 8000] [--latency-requests 1000]
+                                     [--base-tree DIR] [--rounds 1]
 
 It starts its own single-node broker (ops/kafka/broker.py). Requests are built from real
 text (benchmarks/corpus.py): a shared system prompt, 6 history turns, 8 retrieved chunks and
@@ -11,9 +12,15 @@ a query, about 12 KB each, model gpt-4o (counted locally).
 throughput  N requests are loaded first, then the system starts; the rate counts outputs from
             the moment every process owns partitions (group joins and the rebalance a
             second worker causes do not count) up to 90% of them (nor does the tail).
-latency     the system runs idle, then requests arrive at a fixed rate (half the slowest
-            at-least-once system's throughput, the same for all); time from send to the
-            output arriving at a read_committed reader in this process.
+latency     the system runs idle, then requests arrive at a fixed rate; time from send to
+            the output arriving at a read_committed reader in this process; p50 and p99. Two
+            rates, the same for every system: half the slowest at-least-once system's
+            throughput (every system keeps up), and half the passthrough's (the goal: a
+            worker that keeps up there has at least half the passthrough's throughput).
+--base-tree another checkout of tokenheap (e.g. `git worktree add --detach DIR <commit>`):
+            its worker runs beside this tree's, rows interleaved, each system started with
+            PYTHONPATH and the working directory of its own tree.
+--rounds    every measurement repeated, the systems interleaved in each round; medians.
 All but the last row are at-least-once (acked produce, then commit); the exactly-once row
 shows what transactions cost (results become visible when the transaction commits, once
 per commit interval). Figures are machine-bound (2 cores share the broker, the systems and
@@ -52,6 +59,9 @@ from benchmarks.corpus import passage  # noqa: E402
 PARTITIONS = 6
 READY_TIMEOUT_S = 90.0
 RUN_TIMEOUT_S = 600.0
+MIN_WINDOW_S = 0.5
+"""Shortest counted window a throughput is worth quoting from (the passthrough gets through
+the middle 80% of 12,000 requests in about a second)."""
 
 
 # -- workload ---------------------------------------------------------------------------
@@ -219,11 +229,15 @@ class Topics:
 class System:
     """`processes` copies of one contender, each a child process."""
 
-    def __init__(self, kind: str, processes: int, bootstrap: str, logs: Path) -> None:
+    def __init__(
+        self, kind: str, processes: int, bootstrap: str, logs: Path, tree: Path | None = None
+    ) -> None:
         self.kind = kind
         self.processes = processes
         self.bootstrap = bootstrap
         self.logs = logs
+        self.tree = tree
+        """Another checkout whose worker this is (None: this tree's)."""
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ports: list[int] = []
 
@@ -234,11 +248,13 @@ class System:
             "worker": "tokenheap worker",
             "worker-eos": "tokenheap worker, exactly-once",
         }[self.kind]
-        return f"{name} x{self.processes}"
+        base = f" ({self.tree.name})" if self.tree is not None else ""
+        return f"{name}{base} x{self.processes}"
 
     def start(self, t: Topics) -> None:
         for n in range(self.processes):
             log = open(self.logs / f"{self.kind}-{n}-{t.group}.log", "wb")  # noqa: SIM115
+            cwd = ROOT
             if self.kind.startswith("worker"):
                 port = free_port()
                 self.ports.append(port)
@@ -255,6 +271,9 @@ class System:
                 )
                 if self.kind == "worker-eos":
                     env["TOKENHEAP_DELIVERY"] = "exactly-once"
+                if self.tree is not None:
+                    env["PYTHONPATH"] = str(self.tree)
+                    cwd = self.tree
                 cmd = [sys.executable, "-m", "worker", "worker"]
             else:
                 env = dict(os.environ)
@@ -264,7 +283,7 @@ class System:
                     "--group", t.group, "--ready-file", str(self._ready_file(t, n)),
                 ]  # fmt: skip
             self.procs.append(
-                subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
             )
             log.close()
 
@@ -343,7 +362,7 @@ async def throughput(system: System, values: Sequence[bytes]) -> float:
     start = max(ready_at, times[int(len(times) * 0.1)])
     end = times[int(len(times) * 0.9)]
     counted = sum(1 for x in times if start < x <= end)
-    if end - start < 1.0 or counted < len(values) // 4:
+    if end - start < MIN_WINDOW_S or counted < len(values) // 4:
         raise RuntimeError(
             f"{system.label}: only {counted} outputs after all processes were ready; "
             "raise --requests"
@@ -374,50 +393,95 @@ async def latency(system: System, values: Sequence[bytes], rate: float) -> tuple
 @dataclass
 class Row:
     label: str
+    kind: str
     rate: float = 0.0
     p50: float = 0.0
     p99: float = 0.0
+    half_p50: float = 0.0
+    """Latency at half the passthrough's throughput."""
+    half_p99: float = 0.0
 
 
-async def bench(bootstrap: str, n: int, n_latency: int, logs: Path) -> list[Row]:
+def contenders(bootstrap: str, logs: Path, base: Path | None) -> list[System]:
+    """The passthrough, then each worker configuration: the base tree's (if given) right
+    before this tree's, so the two are measured next to each other."""
+    systems = [System("passthrough", 1, bootstrap, logs)]
+    for kind, processes in (("worker", 1), ("worker", 2), ("worker-eos", 1)):
+        if base is not None:
+            systems.append(System(kind, processes, bootstrap, logs, base))
+        systems.append(System(kind, processes, bootstrap, logs))
+    return systems
+
+
+async def bench(
+    bootstrap: str,
+    n: int,
+    n_latency: int,
+    logs: Path,
+    base: Path | None = None,
+    rounds: int = 1,
+) -> list[Row]:
     values = [build_request(i) for i in range(n)]
     size = statistics.mean(len(v) for v in values)
     print(f"{n} requests, {size / 1024:.1f} KB each on average, {PARTITIONS} partitions")
-    systems = [
-        System("passthrough", 1, bootstrap, logs),
-        System("worker", 1, bootstrap, logs),
-        System("worker", 2, bootstrap, logs),
-        System("worker-eos", 1, bootstrap, logs),
-    ]
-    rows = [Row(s.label) for s in systems]
-    for system, row in zip(systems, rows, strict=True):
-        row.rate = await throughput(system, values)
-        print(f"  throughput  {system.label:<34} {row.rate:8.0f} req/s")
-    rate = 0.5 * min(r.rate for r in rows[:3])
-    print(f"latency at {rate:.0f} req/s (half the slowest throughput)")
-    for system, row in zip(systems, rows, strict=True):
-        row.p50, row.p99 = await latency(system, values[:n_latency], rate)
-        print(f"  latency     {system.label:<34} p50 {row.p50:7.1f} ms  p99 {row.p99:7.1f} ms")
+    systems = contenders(bootstrap, logs, base)
+    rows = [Row(s.label, s.kind) for s in systems]
+    rates: list[list[float]] = [[] for _ in systems]
+    for _ in range(rounds):
+        for system, seen in zip(systems, rates, strict=True):
+            seen.append(await throughput(system, values))
+            print(f"  throughput  {system.label:<40} {seen[-1]:8.0f} req/s")
+    for row, seen in zip(rows, rates, strict=True):
+        row.rate = statistics.median(seen)
+    slowest = 0.5 * min(r.rate for r in rows if r.kind != "worker-eos")
+    half = 0.5 * rows[0].rate
+    for at_half, rate, what in (
+        (False, slowest, "half the slowest throughput"),
+        (True, half, "half the passthrough's"),
+    ):
+        print(f"latency at {rate:.0f} req/s ({what})")
+        seen_ms: list[list[tuple[float, float]]] = [[] for _ in systems]
+        for _ in range(rounds):
+            for system, pairs in zip(systems, seen_ms, strict=True):
+                p50, p99 = await latency(system, values[:n_latency], rate)
+                pairs.append((p50, p99))
+                print(f"  latency     {system.label:<40} p50 {p50:7.1f} ms  p99 {p99:7.1f} ms")
+        for row, pairs in zip(rows, seen_ms, strict=True):
+            p50 = statistics.median(x[0] for x in pairs)
+            p99 = statistics.median(x[1] for x in pairs)
+            if at_half:
+                row.half_p50, row.half_p99 = p50, p99
+            else:
+                row.p50, row.p99 = p50, p99
     return rows
 
 
 def table(rows: list[Row]) -> str:
     base = rows[0]
+    slowest = 0.5 * min(r.rate for r in rows if r.kind != "worker-eos")
     lines = [
-        "| system | req/s | vs passthrough | p50 ms | p99 ms | p50 vs passthrough |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| system | req/s | vs passthrough | p50 ms | p99 ms | p50 vs passthrough "
+        f"| p50 / p99 ms at {base.rate / 2:.0f} req/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r.label} | {r.rate:.0f} | {r.rate / base.rate:.2f}x | {r.p50:.1f} | "
-            f"{r.p99:.1f} | {r.p50 / base.p50:.2f}x |"
+            f"{r.p99:.1f} | {r.p50 / base.p50:.2f}x | {r.half_p50:.1f} / {r.half_p99:.1f} |"
         )
-    one, two = rows[1], rows[2]
     lines.append("")
     lines.append(
-        f"2 workers / 1 worker: throughput {two.rate / one.rate:.2f}x, "
-        f"p50 {two.p50 / one.p50:.2f}x, p99 {two.p99 / one.p99:.2f}x"
+        f"p50, p99 at {slowest:.0f} req/s (half the slowest at-least-once throughput); the "
+        "last column at half the passthrough's throughput."
     )
+    for suffix in sorted({r.label.split(" x")[0].removeprefix("tokenheap worker") for r in rows
+                          if r.kind == "worker"}):  # fmt: skip
+        one = next(r for r in rows if r.label == f"tokenheap worker{suffix} x1")
+        two = next(r for r in rows if r.label == f"tokenheap worker{suffix} x2")
+        lines.append(
+            f"2 workers / 1 worker{suffix}: throughput {two.rate / one.rate:.2f}x, "
+            f"p50 {two.p50 / one.p50:.2f}x, p99 {two.p99 / one.p99:.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -483,6 +547,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     pt.add_argument("--ready-file", type=Path, required=True)
     parser.add_argument("--requests", type=int, default=8000)
     parser.add_argument("--latency-requests", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--base-tree",
+        type=Path,
+        help="another tokenheap checkout whose worker runs beside this one's",
+    )
     args = parser.parse_args(argv)
     if args.cmd == "passthrough":
         asyncio.run(passthrough(args.bootstrap, args.src, args.dst, args.group, args.ready_file))
@@ -490,7 +560,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     broker_module = load_broker()
     with tempfile.TemporaryDirectory(prefix="kafka-bench-") as tmp, broker_module.Broker() as b:
         print(f"broker {b.bootstrap} (started in {b.startup_seconds:.1f} s)")
-        rows = asyncio.run(bench(b.bootstrap, args.requests, args.latency_requests, Path(tmp)))
+        rows = asyncio.run(
+            bench(
+                b.bootstrap,
+                args.requests,
+                args.latency_requests,
+                Path(tmp),
+                args.base_tree,
+                args.rounds,
+            )
+        )
     print()
     print(table(rows))
     return 0

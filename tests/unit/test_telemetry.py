@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -37,7 +37,12 @@ from worker.telemetry import names
 from worker.telemetry.alerts import AlertMessage
 from worker.telemetry.logs import JsonFormatter, configure_logging
 from worker.telemetry.otel import OtelTelemetry, build_telemetry, stage
-from worker.telemetry.setup import exporter_names, otlp_protocol, setup_telemetry
+from worker.telemetry.setup import (
+    TelemetryProviders,
+    exporter_names,
+    otlp_protocol,
+    setup_telemetry,
+)
 from worker.telemetry.spans import KAFKA_GETTER, KAFKA_SETTER
 from worker.telemetry.sustained import SustainedConfig
 
@@ -1020,3 +1025,118 @@ def test_cost_is_counted_by_model_tenant_pipeline_and_part(
         }
     )
     assert rig.metrics()[names.METRIC_COST].data.is_monotonic
+
+
+# -- the no-op fast path ------------------------------------------------------------------------
+
+
+def _noop_span_headers(headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """What the OpenTelemetry API's own no-op spans leave for `outgoing_headers`: the
+    reference the no-op fast path of `process` and `send` must match."""
+    from opentelemetry import context as context_api
+    from opentelemetry import propagate
+    from opentelemetry.context import Context
+
+    tracer = trace.NoOpTracer()
+    parent = propagate.extract(headers, context=Context(), getter=KAFKA_GETTER)
+    token = context_api.attach(parent)
+    try:
+        with tracer.start_as_current_span("process"), tracer.start_as_current_span("send"):
+            carrier: list[tuple[str, bytes]] = []
+            propagate.inject(carrier, setter=KAFKA_SETTER)
+            return carrier
+    finally:
+        context_api.detach(token)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [("traceparent", TRACEPARENT.encode())],
+        [("traceparent", TRACEPARENT.encode()), ("baggage", b"tenant=acme,k=v")],
+        [("baggage", b"only=baggage")],
+        [("traceparent", b"not a traceparent")],
+    ],
+)
+def test_noop_providers_carry_the_context_as_noop_spans_would(
+    headers: list[tuple[str, bytes]],
+    engine: Engine,
+    make_request: Callable[..., AssemblyRequest],
+) -> None:
+    tel = OtelTelemetry(
+        tracer_provider=trace.NoOpTracerProvider(),
+        meter_provider=metrics.NoOpMeterProvider(),
+    )
+    log = io.StringIO()
+    handler = configure_logging("INFO", stream=log)
+    try:
+        req = tight(make_request)
+        result = fit(engine, req)
+        kw: dict[str, Any] = {"partition": 0, "offset": 0, "group": "g", "key": None}
+        with tel.process(topic="t", headers=headers, **kw) as span:
+            assert not span.is_recording()
+            messages = tel.on_result(req, result, 0.01)
+            with tel.send(topic="out"):
+                out = tel.outgoing_headers()
+        assert trace.get_current_span() is trace.INVALID_SPAN  # detached again
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert out == _noop_span_headers(headers)
+    assert {m.type for m in messages} == {"utilization_high", "top_chunk_dropped"}
+    (line,) = [json.loads(x) for x in log.getvalue().splitlines() if "tokenheap.requests" in x]
+    if any(k == "traceparent" and v == TRACEPARENT.encode() for k, v in headers):
+        assert (line["trace_id"], line["span_id"]) == (TRACE_ID, PARENT_ID)
+    else:
+        assert "trace_id" not in line
+
+
+def test_noop_process_reraises_and_restores_the_context() -> None:
+    tel = build_telemetry(
+        providers=TelemetryProviders(trace.NoOpTracerProvider(), metrics.NoOpMeterProvider(), False)
+    )
+    headers = [("traceparent", TRACEPARENT.encode())]
+    kw: dict[str, Any] = {"partition": 0, "offset": 0, "group": "g", "key": None}
+    with pytest.raises(ValueError, match="boom"), tel.process(topic="t", headers=headers, **kw):
+        raise ValueError("boom")
+    assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+@pytest.mark.parametrize(
+    "created",
+    [0.0, 0.0005, 0.9995, 0.9999995, 1.0000004, 1764632096.9995, 1764632096.4059999,
+     852504596.4059999, 1764632099.999999, 2**31 + 0.0000005, 4102444800.123456],
+)  # fmt: skip
+def test_json_log_timestamps_match_isoformat(created: float) -> None:
+    from datetime import UTC, datetime
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+    record.created = created
+    formatter = JsonFormatter()
+    for _ in range(2):  # formatted, then from the per-second cache
+        doc = json.loads(formatter.format(record))
+        assert doc["ts"] == datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+
+
+def test_request_log_record_names_its_caller(
+    engine: Engine, make_request: Callable[..., AssemblyRequest]
+) -> None:
+    from worker.telemetry import logs
+
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    logger = logging.getLogger("tokenheap.requests.test")
+    logger.addHandler(keep := Keep())
+    logger.setLevel(logging.INFO)
+    try:
+        logs.log_result(logger, fit(engine, tight(make_request)), 0.5)
+    finally:
+        logger.removeHandler(keep)
+    (record,) = seen
+    assert (record.funcName, record.pathname) == ("log_result", logs.__file__)
+    assert record.getMessage().startswith("r1 fit ")
+    assert record.__dict__["duration_ms"] == 500.0

@@ -29,30 +29,71 @@ _STANDARD = frozenset(
 )
 
 
+_STAMPED: Final = "_trace_stamped"
+"""Set on a record once its trace context was looked up (found or not), so the formatter
+does not look again: one lookup per record."""
+
+
 class TraceContextFilter(logging.Filter):
     """Stamps `trace_id`/`span_id` of the span current where the record is created."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "trace_id"):
-            ctx = trace.get_current_span().get_span_context()
-            if ctx.is_valid:
-                record.trace_id = format(ctx.trace_id, "032x")
-                record.span_id = format(ctx.span_id, "016x")
+        _stamp(record)
         return True
+
+
+def _stamp(record: logging.LogRecord) -> None:
+    if hasattr(record, "trace_id") or hasattr(record, _STAMPED):
+        return
+    setattr(record, _STAMPED, True)
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        record.trace_id = format(ctx.trace_id, "032x")
+        record.span_id = format(ctx.span_id, "016x")
+
+
+_ENCODER: Final = json.JSONEncoder(default=str, ensure_ascii=False)
+"""What `json.dumps(doc, default=str, ensure_ascii=False)` builds anew on every call."""
+
+
+class _Timestamps:
+    """`datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")`, with the part up
+    to the seconds formatted once per second (every request logs a line)."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        micros = round((created - second) * 1e6)  # as fromtimestamp rounds: half to even
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        if second != self._second:
+            if second < 0:  # not a clock reading; not worth a cache
+                return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+            self._prefix = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")[:19]
+            self._second = second
+        return f"{self._prefix}.{micros // 1000:03d}+00:00"  # isoformat truncates to ms
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record; `extra=` fields are kept, values made JSON-safe."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ts = _Timestamps()
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": self._ts(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if not hasattr(record, "trace_id"):  # no TraceContextFilter on this handler
-            TraceContextFilter().filter(record)
+        _stamp(record)  # a no-op after the TraceContextFilter of this handler
         trace_id = getattr(record, "trace_id", None)
         if trace_id is not None:
             doc["trace_id"] = trace_id
@@ -63,7 +104,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             doc["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str, ensure_ascii=False)
+        return _ENCODER.encode(doc)
 
 
 def configure_logging(
@@ -144,6 +185,20 @@ def ledger_line(result: FitResult) -> str:
 
 
 def log_result(logger: logging.Logger, result: FitResult, duration_s: float) -> None:
-    """The one INFO line per request."""
+    """The one INFO line per request. The record is made here rather than by
+    `logger.info`, which would walk the stack to find this very function (a measurable
+    part of every request's cost): same fields, same handlers and filters."""
     if logger.isEnabledFor(logging.INFO):
-        logger.info(ledger_line(result), extra=result_fields(result, duration_s))
+        here = sys._getframe()
+        record = logger.makeRecord(
+            logger.name,
+            logging.INFO,
+            here.f_code.co_filename,
+            here.f_lineno,
+            ledger_line(result),
+            (),
+            None,
+            here.f_code.co_name,
+            result_fields(result, duration_s),
+        )
+        logger.handle(record)

@@ -78,6 +78,13 @@ class OtelTelemetry:
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._tracer = tracer_provider.get_tracer(names.SCOPE)
+        self._tracing = not isinstance(self._tracer, trace.NoOpTracer)
+        """False under no-op providers (OTEL_SDK_DISABLED): `process` and `send` then only
+        carry the trace context through, which is all a no-op span would do, without
+        building and attaching spans for every record."""
+        self._metering = not isinstance(meter_provider, metrics.NoOpMeterProvider)
+        """False under a no-op meter provider: nothing to record, so the per-result
+        attribute dictionaries are not built either."""
         self.instruments = Instruments(meter_provider.get_meter(names.SCOPE), anthropic=anthropic)
         self._cap = CardinalityCap(max_attribute_values)
         self.detector = SustainedDetector(sustained, clock=clock)
@@ -108,6 +115,10 @@ class OtelTelemetry:
         headers: KafkaHeaders,
     ) -> Iterator[SpanLike]:
         """A CONSUMER `process <topic>` span, child of the trace context in `headers`."""
+        if not self._tracing:
+            with self._carry(topic=topic, group=group, headers=headers) as span:
+                yield span
+            return
         parent = propagate.extract(headers, context=Context(), getter=spans.KAFKA_GETTER)
         attrs = spans.process_attributes(
             topic=topic, partition=partition, offset=offset, group=group, key=key
@@ -137,16 +148,43 @@ class OtelTelemetry:
         finally:
             _ACTIVE_TRACER.reset(tracer_token)
             context_api.detach(token)
-            duration: Attrs = {
-                names.MESSAGING_SYSTEM: names.MESSAGING_SYSTEM_KAFKA,
-                names.MESSAGING_OPERATION_NAME: names.MESSAGING_OPERATION_PROCESS,
-                names.MESSAGING_OPERATION_TYPE: names.MESSAGING_OPERATION_PROCESS,
-                names.MESSAGING_DESTINATION_NAME: topic,
-                names.MESSAGING_CONSUMER_GROUP_NAME: group,
-            }
-            if state is not None and state.error_type is not None:
-                duration[names.ERROR_TYPE] = state.error_type
-            self.instruments.process_duration.record(time.perf_counter() - started, duration)
+            self._process_duration(started, topic, group, state)
+
+    @contextmanager
+    def _carry(self, *, topic: str, group: str, headers: KafkaHeaders) -> Iterator[SpanLike]:
+        """`process` under a no-op tracer: the extracted context made current, as the no-op
+        span would leave it (the same span context, so the same trace ids in the log lines
+        and in `outgoing_headers`, baggage included); the duration metric as always."""
+        parent = propagate.extract(headers, context=Context(), getter=spans.KAFKA_GETTER)
+        started = time.perf_counter()
+        token = context_api.attach(parent)
+        state = _Processing(trace.get_current_span(parent))
+        state_token = self._processing.set(state)
+        try:
+            yield state.span
+        except BaseException as exc:
+            state.error_type = type(exc).__qualname__
+            raise
+        finally:
+            self._processing.reset(state_token)
+            context_api.detach(token)
+            self._process_duration(started, topic, group, state)
+
+    def _process_duration(
+        self, started: float, topic: str, group: str, state: _Processing | None
+    ) -> None:
+        if not self._metering:
+            return
+        duration: Attrs = {
+            names.MESSAGING_SYSTEM: names.MESSAGING_SYSTEM_KAFKA,
+            names.MESSAGING_OPERATION_NAME: names.MESSAGING_OPERATION_PROCESS,
+            names.MESSAGING_OPERATION_TYPE: names.MESSAGING_OPERATION_PROCESS,
+            names.MESSAGING_DESTINATION_NAME: topic,
+            names.MESSAGING_CONSUMER_GROUP_NAME: group,
+        }
+        if state is not None and state.error_type is not None:
+            duration[names.ERROR_TYPE] = state.error_type
+        self.instruments.process_duration.record(time.perf_counter() - started, duration)
 
     def on_result(
         self, req: AssemblyRequest | None, result: FitResult, duration_s: float
@@ -186,6 +224,9 @@ class OtelTelemetry:
     @contextmanager
     def send(self, *, topic: str) -> Iterator[SpanLike]:
         """A PRODUCER `send <topic>` span around one publish."""
+        if not self._tracing:  # a no-op span would carry the current context unchanged
+            yield trace.get_current_span()
+            return
         with self._tracer.start_as_current_span(
             names.send_span_name(topic),
             kind=SpanKind.PRODUCER,
@@ -254,26 +295,30 @@ class OtelTelemetry:
         self, span: Span, req: AssemblyRequest | None, result: FitResult, duration_s: float
     ) -> list[AlertMessage]:
         spans.enrich_result(span, result=result)
-        dims = self._dims(result)
-        self._record_metrics(result, dims, duration_s)
+        metering = self._metering
+        dims = self._dims(result) if metering else {}
+        if metering:
+            self._record_metrics(result, dims, duration_s)
         out: list[AlertMessage] = []
         at = self._now()
         for alert in result.alerts:
             spans.add_alert_event(span, alert=alert)
-            self.instruments.alerts.add(
-                1,
-                {
-                    **dims,
-                    names.ATTR_ALERT_KIND: "request",
-                    names.ATTR_ALERT_TYPE: alert.type,
-                    names.ATTR_ALERT_SEVERITY: alert.severity,
-                },
-            )
+            if metering:
+                self.instruments.alerts.add(
+                    1,
+                    {
+                        **dims,
+                        names.ATTR_ALERT_KIND: "request",
+                        names.ATTR_ALERT_TYPE: alert.type,
+                        names.ATTR_ALERT_SEVERITY: alert.severity,
+                    },
+                )
             out.append(_request_alert(result, alert, at))
         for move in self._sustained(req, result):
             message = self._sustained_alert(move, result, at)
             spans.add_sustained_event(span, alert=message)
-            self._record_sustained(move)
+            if metering:
+                self._record_sustained(move)
             _log.warning(
                 "%s %s for %s: %d/%d requests at or over %.2f utilization",
                 SUSTAINED_TYPE,
