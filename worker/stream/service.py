@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import time
@@ -29,6 +28,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerFenced
 from worker.build import build_engine, limits_of
 from worker.engine.engine import Engine
 from worker.errors import ConfigError
+from worker.runtime import settle_heap
 from worker.settings import Settings
 from worker.stream.flow import MAX_BATCH, Flow, FlowLimits
 from worker.stream.health import HealthServer, flow_status
@@ -375,16 +375,7 @@ async def _warm(engine: Engine) -> None:
     )
     await asyncio.to_thread(engine.preload, names)
     log.info("vocabularies %s loaded in %.1f s", ", ".join(names), time.perf_counter() - began)
-    _freeze_startup_objects()
-
-
-def _freeze_startup_objects() -> None:
-    """Move everything alive after start-up (modules, the catalog, the vocabularies' tables)
-    out of the collector's sight. A full collection would otherwise walk all of it again
-    every few thousand requests, a pause of tens of milliseconds in the middle of the
-    stream; none of it is garbage, and what requests allocate is still collected as ever."""
-    gc.collect()
-    gc.freeze()
+    settle_heap()  # start-up is over: out of the collector's way (worker.runtime)
 
 
 async def _quietly(what: str, step: Awaitable[object], until: float | None = None) -> None:
