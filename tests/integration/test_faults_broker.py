@@ -65,8 +65,10 @@ def _settings(broker: Any, names: kit.Names, api: AnthropicServer, **over: Any) 
     return kit.settings_for(broker.bootstrap, names, **values)
 
 
-async def _produce(broker: Any, names: kit.Names, n: int) -> list[kit.Sent]:
-    values = [kit.request(i, model=CLAUDE) for i in range(n)]
+async def _produce(
+    broker: Any, names: kit.Names, n: int, *, distinct: bool = False
+) -> list[kit.Sent]:
+    values = [kit.request(i, model=CLAUDE, distinct=distinct) for i in range(n)]
     return await kit.produce(
         broker.bootstrap, names.requests, values, partition_of=lambda i: i % names.partitions
     )
@@ -251,7 +253,11 @@ async def test_a_long_outage_is_survived_live_quiet_and_counted_once(
     names = await _names(broker)
     n = 120
     outage_s = 20.0
-    await _produce(broker, names, n)
+    # Distinct payloads (one count call each) and slow count calls keep records in flight
+    # when the broker dies (6 at a time, ~6 s for all): a worker that finished the lot
+    # before the kill (identical payloads cost one call in all) would test nothing here.
+    count_api.latency = 0.3
+    await _produce(broker, names, n, distinct=True)
     settings = _settings(broker, names, count_api, delivery="exactly-once")
     worker = kit.WorkerProcess(settings, tmp_path / "worker.log")
     try:
