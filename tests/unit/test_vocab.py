@@ -105,38 +105,3 @@ def test_a_helper_that_cannot_answer_leaves_counting_here() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[2, 1]"
-
-
-def test_jobs_count_through_their_own_connections_then_build_their_own() -> None:
-    """`fit --jobs`: each forked job adopts its own connection to the one helper and gets
-    tiktoken's counts; once it has sent HELPER_WARM_CHARS, a big batch of new text is
-    counted in the job itself, which builds its own encoding for it."""
-    code = (
-        "import os\n"
-        "from worker.count import vocab\n"
-        "assert vocab.start_helper('o200k_base', clients=3)\n"
-        "enc = vocab.encoding('o200k_base')\n"
-        "texts = ['hello world', '<|endoftext|> x', '\\u00e9' * 300]\n"
-        "print('parent', enc.count_ordinary(texts))\n"
-        "for k in range(2):\n"
-        "    r, w = os.pipe()\n"
-        "    if os.fork() == 0:\n"
-        "        vocab.adopt_helper(k)\n"
-        "        small = enc.count_ordinary(texts)\n"
-        "        remote = '_core_bpe' not in enc.__dict__\n"
-        "        enc._sent = vocab.HELPER_WARM_CHARS\n"
-        "        big = enc.count_ordinary(['word ' * (vocab.HELPER_BATCH_CHARS // 4)])\n"
-        "        os.write(w, repr((small, remote, '_core_bpe' in enc.__dict__, big)).encode())\n"
-        "        os._exit(0)\n"
-        "    os.close(w)\n"
-        "    print('job', k, os.read(r, 100000).decode())\n"
-        "    os.wait()\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    enc = vocab.encoding("o200k_base")
-    counts = [len(enc.encode_ordinary(t)) for t in ["hello world", "<|endoftext|> x", "é" * 300]]
-    big = [len(enc.encode_ordinary("word " * (vocab.HELPER_BATCH_CHARS // 4)))]
-    lines = out.stdout.strip().splitlines()
-    assert lines[0] == f"parent {counts}"
-    for k, line in enumerate(lines[1:]):
-        assert line == f"job {k} {(counts, True, True, big)!r}"

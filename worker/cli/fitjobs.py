@@ -28,7 +28,6 @@ from contextlib import ExitStack
 from typing import IO, TextIO
 
 from worker.cli.fitfile import fit_lines
-from worker.count.vocab import adopt_helper
 from worker.engine.decode import Limits
 from worker.engine.engine import Engine
 from worker.engine.result import FitResult
@@ -162,8 +161,6 @@ def _child(
     done: memoryview,
     k: int,
 ) -> None:
-    adopt_helper(k)  # count through this job's own connection to the vocabulary helper
-
     def advance(n: int) -> None:
         done[k] = n
 

@@ -270,25 +270,13 @@ def _fit(source: str, table: bool, backend: BackendName | None, jobs: int) -> in
 
     requests = read_requests(source)  # a missing or unreadable input fails before the imports
     try:
-        if not requests.document and source != "-" and jobs == 0:
-            jobs = (
-                min(os.cpu_count() or 1, 2) if os.path.getsize(source) > PARALLEL_MIN_BYTES else 1
-            )
-        if _short(requests, source, backend, jobs) or _parallel(requests, source, backend, jobs):
+        if _short(requests, source, backend, jobs):
             from worker.count.vocab import start_helper
 
-            # `--jobs`: one connection for this process, one for each job it forks
-            start_helper(_encoding_of_first(requests.first), clients=jobs + 1 if jobs > 1 else 1)
+            start_helper(_encoding_of_first(requests.first))
         return _fit_requests(requests, source, table, backend, jobs)
     finally:
         requests.close()
-
-
-def _parallel(requests: Requests, source: str, backend: BackendName | None, jobs: int) -> bool:
-    """`--jobs` also counts in the helper: it builds the vocabulary while this process
-    imports the engine, so the jobs start that much sooner (each builds its own once it
-    meets much text never seen before: `worker.count.vocab.HELPER_BATCH_CHARS`)."""
-    return jobs > 1 and bool(requests.first) and backend != "fastokens" and source != "-"
 
 
 def _short(requests: Requests, source: str, backend: BackendName | None, jobs: int) -> bool:
@@ -346,10 +334,13 @@ def _fit_requests(
             from worker.cli.progress import with_progress
 
             requests.texts = with_progress(requests.texts, size)
-    if not requests.document and source != "-" and jobs > 1:
-        requests.close()  # each child reads its own range of the file
-        encoding = _encoding_of_first(requests.first)
-        return _fit_jobs(settings, backend, source, limits, table, jobs, encoding)
+    if not requests.document and source != "-":
+        if jobs == 0:
+            big = os.path.getsize(source) > PARALLEL_MIN_BYTES
+            jobs = min(os.cpu_count() or 1, 2) if big else 1
+        if jobs > 1:
+            requests.close()  # each child reads its own range of the file
+            return _fit_jobs(settings, backend, source, limits, table, jobs)
     engine = build_engine(settings, backend)
     from worker.telemetry.logs import configure_logging
 
@@ -448,7 +439,6 @@ def _fit_jobs(
     limits: Limits,
     table: bool,
     jobs: int,
-    encoding: str,
 ) -> int:
     from worker.build import build_engine
     from worker.catalog import load_catalog
@@ -470,7 +460,7 @@ def _fit_jobs(
     shown = progress if wants_progress(os.path.getsize(source)) else None
     make = lambda: build_engine(settings, backend)  # noqa: E731 - called in the parent
     try:
-        return fit_ranges(make, source, limits, fmt, jobs, sys.stdout, shown, (encoding,))
+        return fit_ranges(make, source, limits, fmt, jobs, sys.stdout, shown)
     except JobsFailed as exc:
         print(f"tokenheap: {exc}", file=sys.stderr)
         return 1

@@ -17,7 +17,6 @@ import json
 import marshal
 import os
 import pickle
-import selectors
 import signal
 import threading
 from functools import cache
@@ -103,8 +102,9 @@ def _write_marshal(path: Path, table: dict[bytes, int]) -> None:
 def encoding(name: str) -> tiktoken.Encoding:
     """The tiktoken Encoding for `name`, built from the shipped, verified vocabulary (on
     first use instead, counting meanwhile in the helper process, when one was started)."""
-    if name in _helpers:
-        return HelperEncoding(name)
+    helper = _helpers.get(name)
+    if helper is not None:
+        return HelperEncoding(name, helper)
     return _build(name)
 
 
@@ -129,27 +129,18 @@ def _build(name: str) -> tiktoken.Encoding:
 # then counts here again. Same tiktoken, same verified ranks: the same counts.
 
 
-HELPER_WARM_CHARS = 256 * 1024
-HELPER_BATCH_CHARS = 16 * 1024
-"""Once the helper has counted `HELPER_WARM_CHARS` characters for a process, a batch over
-`HELPER_BATCH_CHARS` is counted in that process instead (building its own encoding first):
-the helper is one process serving every job of `fit --jobs`, and a file of text never seen
-before would queue all of its counting there. Conversations resent turn after turn send
-small batches of what is new and stay with the helper."""
-
-
 class HelperEncoding(tiktoken.Encoding):
     """A shipped encoding built here on first use; until then `count_ordinary` asks the
     helper. tiktoken's own `__init__` runs in `_load`, on the first attribute it sets."""
 
-    def __init__(self, name: str) -> None:  # tiktoken's runs in _load
+    def __init__(self, name: str, helper: _Helper) -> None:  # tiktoken's runs in _load
         self.name = name
+        self._helper = helper
         self._load_lock = threading.Lock()
-        self._sent = 0
 
     def __getattr__(self, attr: str) -> Any:
         # Only reached for what tiktoken's __init__ sets, before it has run.
-        if attr.startswith("__") or attr in ("_load_lock", "_sent"):
+        if attr.startswith("__") or attr in ("_helper", "_load_lock"):
             raise AttributeError(attr)
         self._load()
         return object.__getattribute__(self, attr)
@@ -163,14 +154,10 @@ class HelperEncoding(tiktoken.Encoding):
     def count_ordinary(self, texts: list[str]) -> list[int]:
         """`len(encode_ordinary(t))` of each text: one round trip to the helper while this
         process has no encoding of its own (or here, if the helper cannot answer)."""
-        helper = _helpers.get(self.name)  # looked up: a `fit --jobs` child adopts its own
-        if helper is not None and "_core_bpe" not in self.__dict__:
-            size = sum(map(len, texts))
-            if self._sent < HELPER_WARM_CHARS or size <= HELPER_BATCH_CHARS:
-                counts = helper.count(texts)
-                if counts is not None:
-                    self._sent += size
-                    return counts
+        if "_core_bpe" not in self.__dict__:
+            counts = self._helper.count(texts)
+            if counts is not None:
+                return counts
         encode = self.encode_ordinary
         return [len(encode(t)) for t in texts]
 
@@ -217,25 +204,8 @@ class _Helper:
         self._lock = threading.Lock()
         self._ok = False
 
-    def revive(self) -> _Helper:
-        """This connection, for the one forked process that adopts it (see `adopt_helper`)."""
-        self._lock = threading.Lock()
-        self._ok = True
-        return self
-
 
 _helpers: dict[str, _Helper] = {}
-"""This process's connection to the helper of each encoding."""
-_spares: dict[str, list[_Helper]] = {}
-"""Connections kept for processes forked later (`fit --jobs`), one each."""
-
-
-def adopt_helper(k: int) -> None:
-    """In the k-th process forked for `fit --jobs`: count through the k-th spare connection
-    (the ones inherited from the parent were turned off at the fork)."""
-    for name, spare in _spares.items():
-        if k < len(spare):
-            _helpers[name] = spare[k].revive()
 
 
 def _forget_helpers() -> None:
@@ -246,46 +216,39 @@ def _forget_helpers() -> None:
 os.register_at_fork(after_in_child=_forget_helpers)
 
 
-def start_helper(name: str, clients: int = 1) -> bool:
+def start_helper(name: str) -> bool:
     """Fork a process that builds `name` and counts with it for `encoding(name)`, until this
-    process builds its own; `clients - 1` more connections are kept for processes this one
-    forks later (`adopt_helper`). Only before any thread is started (forking with threads
-    is unsafe) and before `encoding(name)` was first asked for; False when not started."""
+    process builds its own. Only before any thread is started (forking with threads is
+    unsafe) and before `encoding(name)` was first asked for; False when not started."""
     if name not in SHA256 or name in _helpers or encoding.cache_info().currsize:
         return False
     if threading.active_count() > 1 or not hasattr(os, "fork"):
         return False
-    pipes = [(os.pipe(), os.pipe()) for _ in range(max(1, clients))]
+    from_parent, to_child = os.pipe()
+    from_child, to_parent = os.pipe()
     pid = os.fork()
     if pid == 0:  # the helper
         code = 0
         try:
-            ends: list[tuple[IO[bytes], IO[bytes]]] = []
-            for (from_parent, to_child), (from_child, to_parent) in pipes:
-                os.close(to_child)
-                os.close(from_child)
-                ends.append((os.fdopen(from_parent, "rb"), os.fdopen(to_parent, "wb")))
-            _serve(name, ends)
+            os.close(to_child)
+            os.close(from_child)
+            _serve(name, os.fdopen(from_parent, "rb"), os.fdopen(to_parent, "wb"))
         except BaseException:
             code = 1
         finally:
             os._exit(code)
-    conns: list[_Helper] = []
-    for (from_parent, to_child), (from_child, to_parent) in pipes:
-        os.close(from_parent)
-        os.close(to_parent)
-        conns.append(_Helper(pid, os.fdopen(to_child, "wb"), os.fdopen(from_child, "rb")))
-    _helpers[name] = conns[0]
-    _spares[name] = conns[1:]
-    atexit.register(conns[0].stop)
+    os.close(from_parent)
+    os.close(to_parent)
+    helper = _Helper(pid, os.fdopen(to_child, "wb"), os.fdopen(from_child, "rb"))
+    _helpers[name] = helper
+    atexit.register(helper.stop)
     return True
 
 
-def _serve(name: str, conns: list[tuple[IO[bytes], IO[bytes]]]) -> None:
-    """The helper's loop: build, then answer each list of texts with their counts on the
-    connection it came by; stop when every client has closed its end. It writes nothing to
-    the terminal or to the parent's output (a reader of that output must see its end when
-    the parent exits)."""
+def _serve(name: str, recv: IO[bytes], send: IO[bytes]) -> None:
+    """The helper's loop: build, then answer each list of texts with their counts; stop
+    when the parent closes its end. It writes nothing to the terminal or to the parent's
+    output (a reader of that output must see its end when the parent exits)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -294,27 +257,21 @@ def _serve(name: str, conns: list[tuple[IO[bytes], IO[bytes]]]) -> None:
         enc: tiktoken.Encoding | None = _build(name)
     except Exception:  # the parent builds its own and reports the error
         enc = None
-    ready = selectors.DefaultSelector()
-    for recv, send in conns:
-        ready.register(recv, selectors.EVENT_READ, (recv, send))
-    while ready.get_map():
-        for key, _ in ready.select():
-            recv, send = key.data
-            try:
-                texts = _read_msg(recv)
-            except EOFError:
-                ready.unregister(recv)
-                continue
-            try:
-                if enc is None:
-                    raise RuntimeError(f"{name} could not be built")
-                reply: tuple[bool, list[int] | None] = (
-                    True,
-                    [len(enc.encode_ordinary(t)) for t in texts],
-                )
-            except Exception:
-                reply = (False, None)
-            _write_msg(send, reply)
+    while True:
+        try:
+            texts = _read_msg(recv)
+        except EOFError:
+            return
+        try:
+            if enc is None:
+                raise RuntimeError(f"{name} could not be built")
+            reply: tuple[bool, list[int] | None] = (
+                True,
+                [len(enc.encode_ordinary(t)) for t in texts],
+            )
+        except Exception:
+            reply = (False, None)
+        _write_msg(send, reply)
 
 
 def _write_msg(f: IO[bytes], value: object) -> None:
