@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.workload import write
+from benchmarks.workload import add_shape_args, shape_of, write
 from worker.count.backends import BackendName
 from worker.engine.decode import decode_request
 from worker.engine.engine import Engine
@@ -51,18 +51,9 @@ def floor_pass(lines: list[str], results: list[Any]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--conversations", type=int, default=50)
-    ap.add_argument("--turns", type=int, default=20)
-    ap.add_argument("--chunks", type=int, default=16)
+    add_shape_args(ap)
     args = ap.parse_args()
-    path = write(
-        "reuse",
-        DATA / "engine-reuse.jsonl",
-        conversations=args.conversations,
-        turns=args.turns,
-        chunks_per_request=args.chunks,
-    )
+    path = write("reuse", DATA / "engine-reuse.jsonl", **shape_of(args))
     lines = path.read_text(encoding="utf-8").splitlines()
     _, first = engine_pass(lines)
     results = [json.loads(r) for r in first]

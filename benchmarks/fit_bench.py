@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.workload import write
+from benchmarks.workload import add_shape_args, shape_of, write
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
@@ -73,17 +73,10 @@ def run_once(cmd: list[str], cwd: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--conversations", type=int, default=50)
-    ap.add_argument("--turns", type=int, default=20)
-    ap.add_argument("--chunks", type=int, default=16)
+    add_shape_args(ap)
     ap.add_argument("--other-tree", type=Path, help="another checkout to time beside this one")
     args = ap.parse_args()
-    kw = {
-        "conversations": args.conversations,
-        "turns": args.turns,
-        "chunks_per_request": args.chunks,
-    }
+    kw = shape_of(args)
     reuse = write("reuse", DATA / "reuse.jsonl", **kw)
     cold = write("cold", DATA / "cold.jsonl", **kw)
     agent = write("agent", DATA / "agent.jsonl", **kw)

@@ -9,6 +9,7 @@ agent: reuse, with native OpenAI tool use: every answer follows 1-3 parallel too
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -170,3 +171,20 @@ def write(kind: str, path: Path, **kw: Any) -> Path:
         for req in build(kind, **kw):
             f.write(json.dumps(req) + "\n")
     return path
+
+
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The workload's shape as options, the same for every benchmark that writes one."""
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--conversations", type=int, default=50)
+    ap.add_argument("--turns", type=int, default=20)
+    ap.add_argument("--chunks", type=int, default=16)
+
+
+def shape_of(args: argparse.Namespace) -> dict[str, int]:
+    """`write`'s keyword arguments from the options of `add_shape_args`."""
+    return {
+        "conversations": args.conversations,
+        "turns": args.turns,
+        "chunks_per_request": args.chunks,
+    }
