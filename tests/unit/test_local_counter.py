@@ -49,3 +49,17 @@ def test_small_misses_are_counted_here_and_large_ones_on_the_threads(counter: An
     again, hits, misses = local.count([*small, *large])
     assert again == [*pending.result()[0], *counts] and (hits, misses) == (4, 0)
     assert pool.submitted == [2]  # answered by the cache
+
+
+def test_preload_loads_every_encoding_once_side_by_side() -> None:
+    from worker.engine.engine import Engine
+
+    with Engine() as engine:
+        engine.preload(["o200k_base", "cl100k_base", "o200k_base"])
+        loaded = dict(engine._local)
+        assert sorted(loaded) == ["cl100k_base", "o200k_base"]
+        for name, counter in loaded.items():
+            assert counter.enc.name == name
+            assert counter._roles is not None  # counted during the preload
+        engine.preload(["cl100k_base"])
+        assert engine._local["cl100k_base"] is loaded["cl100k_base"]

@@ -179,9 +179,17 @@ class Engine:
         return counter
 
     def preload(self, encodings: Sequence[str]) -> None:
-        """Load vocabularies now (seconds each) rather than on the first request."""
-        for name in encodings:
-            self.local(name).role_tokens()
+        """Load vocabularies now (seconds each) rather than on the first request. Several
+        load side by side: fastokens' loader releases the GIL (measured for the worker's
+        two: 0.6x the time of one after the other)."""
+        names = list(dict.fromkeys(encodings))
+        if len(names) <= 1:
+            for name in names:
+                self.local(name).role_tokens()
+            return
+        with ThreadPoolExecutor(len(names), "tokenheap-load") as pool:
+            for _ in pool.map(lambda name: self.local(name).role_tokens(), names):
+                pass
 
     async def _fit_claude(self, p: Prepared) -> FitResult:
         try:
