@@ -345,12 +345,14 @@ async def fresh_topics(bootstrap: str) -> Topics:
     return t
 
 
-async def throughput(system: System, values: Sequence[bytes]) -> float:
-    """Requests/s from a preloaded backlog, counted once every process owns partitions
-    (a second worker joining triggers a rebalance) and up to 90% of the outputs."""
+async def throughput(system: System, values: Sequence[bytes]) -> tuple[float, float]:
+    """(requests/s, seconds from start to ready): the rate from a preloaded backlog,
+    counted once every process owns partitions (a second worker joining triggers a
+    rebalance) and up to 90% of the outputs."""
     t = await fresh_topics(system.bootstrap)
     await produce_all(system.bootstrap, t.src, values)
     async with Arrivals(system.bootstrap, t.dst) as out:
+        started = time.perf_counter()
         system.start(t)
         try:
             await system.ready(t)
@@ -367,7 +369,7 @@ async def throughput(system: System, values: Sequence[bytes]) -> float:
             f"{system.label}: only {counted} outputs after all processes were ready; "
             "raise --requests"
         )
-    return counted / (end - start)
+    return counted / (end - start), ready_at - started
 
 
 async def latency(system: System, values: Sequence[bytes], rate: float) -> tuple[float, float]:
@@ -429,8 +431,9 @@ async def bench(
     rates: list[list[float]] = [[] for _ in systems]
     for _ in range(rounds):
         for system, seen in zip(systems, rates, strict=True):
-            seen.append(await throughput(system, values))
-            print(f"  throughput  {system.label:<40} {seen[-1]:8.0f} req/s")
+            rate, ready_s = await throughput(system, values)
+            seen.append(rate)
+            print(f"  throughput  {system.label:<40} {rate:8.0f} req/s  (ready in {ready_s:.1f} s)")
     for row, seen in zip(rows, rates, strict=True):
         row.rate = statistics.median(seen)
     slowest = 0.5 * min(r.rate for r in rows if r.kind != "worker-eos")

@@ -96,9 +96,13 @@ class Engine:
             return await self._fit_claude(p)
         with stage("count", texts=len(p.texts)):
             started = self._start(p)
-            for fut in started.pending.futures:
-                if not fut.done():  # small misses were counted inline (backend.inline_chars)
-                    await asyncio.wrap_future(fut)
+            waiting = [f for f in started.pending.futures if not f.done()]
+            for fut in waiting:  # small misses were counted inline (backend.inline_chars)
+                await asyncio.wrap_future(fut)
+            if not waiting:
+                # Still give the loop a turn: the caller's other tasks (the producer sending
+                # the results already made) would otherwise wait for a whole batch of fits.
+                await asyncio.sleep(0)
         with stage("allocate"):
             return fit_local.finish(started, self.catalog.framing)
 
