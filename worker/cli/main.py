@@ -327,6 +327,13 @@ def _fit_requests(
     out = sys.stdout
     pretty = requests.document or source.endswith(".json")
     if not requests.document and source != "-":
+        if jobs == 0:
+            big = os.path.getsize(source) > PARALLEL_MIN_BYTES
+            jobs = min(os.cpu_count() or 1, 2) if big else 1
+        if jobs > 1:
+            requests.close()  # each child reads its own range of the file
+            return _fit_jobs(settings, backend, source, limits, table, jobs)
+    if not requests.document and source != "-":
         from worker.cli.progress import wants_progress
 
         size = os.path.getsize(source)
@@ -334,13 +341,6 @@ def _fit_requests(
             from worker.cli.progress import with_progress
 
             requests.texts = with_progress(requests.texts, size)
-    if not requests.document and source != "-":
-        if jobs == 0:
-            big = os.path.getsize(source) > PARALLEL_MIN_BYTES
-            jobs = min(os.cpu_count() or 1, 2) if big else 1
-        if jobs > 1:
-            requests.close()  # each child reads its own range of the file
-            return _fit_jobs(settings, backend, source, limits, table, jobs)
     engine = build_engine(settings, backend)
     from worker.telemetry.logs import configure_logging
 
