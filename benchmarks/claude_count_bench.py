@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import random
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -29,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from benchmarks.load import load_file
 from worker.catalog import ChatFraming, load_catalog
 from worker.count.anthropic_api import AnthropicCounter, make_client
 from worker.count.cache import CountCache
@@ -90,14 +89,7 @@ WORDS = [
 
 
 def load_server() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "_bench_anthropic_server", ROOT / "tests" / "support" / "anthropic_server.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file("_bench_anthropic_server", "tests/support/anthropic_server.py")
 
 
 def sentence(rng: random.Random, n: int) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -55,6 +54,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.corpus import passage  # noqa: E402
+from benchmarks.load import load_file  # noqa: E402
 
 PARTITIONS = 6
 READY_TIMEOUT_S = 90.0
@@ -93,14 +93,7 @@ def build_request(i: int, prefix: str = "bench") -> bytes:
 
 
 def load_broker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "tokenheap_ops_kafka_broker", ROOT / "ops" / "kafka" / "broker.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file("tokenheap_ops_kafka_broker", "ops/kafka/broker.py")
 
 
 async def create_topics(bootstrap: str, names: Sequence[str], partitions: int) -> None:
