@@ -63,3 +63,35 @@ def test_preload_loads_every_encoding_once_side_by_side() -> None:
             assert counter._roles is not None  # counted during the preload
         engine.preload(["cl100k_base"])
         assert engine._local["cl100k_base"] is loaded["cl100k_base"]
+
+
+def test_the_exact_text_tier_answers_resent_text_without_the_digest_tier(counter: Any) -> None:
+    local, _ = counter
+    enc = encoding("o200k_base")
+    texts = ["a resent turn", "another one", "a resent turn"]
+    first, hits, misses = local.count(texts)
+    assert (hits, misses) == (0, 3)  # the repeat within one call is counted once, not hit
+    lookups = local.cache.get_many
+
+    def no_digest_lookups(*args: Any) -> Any:
+        raise AssertionError("the digest tier was asked for text the exact tier holds")
+
+    local.cache.get_many = no_digest_lookups
+    again, hits, misses = local.count(texts)
+    assert again == first == [len(enc.encode_ordinary(t)) for t in texts]
+    assert (hits, misses) == (3, 0)
+    local.cache.get_many = lookups
+    assert local.cache.stats().hits >= 3
+
+
+def test_text_the_exact_tier_let_go_is_still_answered_by_the_digest_tier() -> None:
+    enc = encoding("o200k_base")
+    with ThreadPoolExecutor(1) as pool:
+        cache = CountCache(memo_chars=40)  # two generations of 20 characters
+        local = LocalCounter(enc, cache=cache, executor=pool, backend=TiktokenBackend(enc))
+        texts = [f"text number {i:04d}" for i in range(6)]  # 16 characters each
+        counts, _, misses = local.count(texts)
+        assert misses == 6 and cache.stats().memo_chars <= 40
+        again, hits, misses = local.count(texts)
+        assert again == counts and (hits, misses) == (6, 0)
+        assert cache.stats().entries == 6  # the digest tier kept them all

@@ -1,9 +1,9 @@
 """Exact OpenAI token counts with a local BPE: each distinct piece once, misses on both cores.
 
-`submit` hashes the pieces, answers what the cache knows and hands the rest to the
-counting threads without waiting, so a caller can prepare the next batch (the CLI) or serve
-the event loop (the worker) while they count. A piece already being counted for another
-call is not counted twice.
+`submit` looks the pieces up (exact text first, then content digest), answers what the
+cache knows and hands the rest to the counting threads without waiting, so a caller can
+prepare the next batch (the CLI) or serve the event loop (the worker) while they count.
+A piece already being counted for another call is not counted twice.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Pending:
     texts: Sequence[str]
     refs: list[int | tuple[Future[list[int]], int]]
     """Per non-empty text: its count, or (future of its part, position in the part)."""
-    owned: list[tuple[bytes, Future[list[int]], int]]
+    owned: list[tuple[bytes, str, Future[list[int]], int]]
     """Misses this call submitted: cached and released from the in-flight map on result()."""
     hits: int
 
@@ -76,6 +76,7 @@ class LocalCounter:
         self.method = backend.name  # e.g. tiktoken:o200k_base, fastokens:o200k_base
         self.backend = backend
         self._executor = executor
+        self._memo = cache.memo(self.namespace)
         self._inflight: dict[bytes, tuple[Future[list[int]], int]] = {}
         self._lock = threading.Lock()
         self._roles: dict[str, int] | None = None
@@ -89,38 +90,67 @@ class LocalCounter:
     def submit(self, texts: Sequence[str]) -> Pending:
         """Start counting `texts` (text that looks like a special token is ordinary text,
         as it is for the provider inside a message); never blocks on counting."""
-        present = [t for t in texts if t]  # empty names and ids are common and cost nothing
-        keys = [digest(t) for t in present]
-        cached = self.cache.get_many(self.namespace, keys)
+        memo = self._memo
+        young = memo.young.get
         refs: list[int | tuple[Future[list[int]], int]] = []
+        missing: list[tuple[int, str]] = []  # (position in refs, text) not in the young tier
+        for t in texts:
+            if not t:  # empty names and ids are common and cost nothing
+                continue
+            hit = young(t)
+            if hit is None:
+                hit = memo.get(t)
+                if hit is None:
+                    missing.append((len(refs), t))
+                    refs.append(0)
+                    continue
+            refs.append(hit)
+        hits = len(refs) - len(missing)
+        memo.hits += hits
+        owned: list[tuple[bytes, str, Future[list[int]], int]] = []
+        if missing:
+            hits += self._submit_missing(missing, refs, owned)
+        return Pending(self, texts, refs, owned, hits)
+
+    def _submit_missing(
+        self,
+        missing: list[tuple[int, str]],
+        refs: list[int | tuple[Future[list[int]], int]],
+        owned: list[tuple[bytes, str, Future[list[int]], int]],
+    ) -> int:
+        """The digest tier, then the pieces being counted, then the counting threads, for
+        the texts the exact tier did not know; returns how many the digest tier knew."""
+        keys = [digest(t) for _, t in missing]
+        cached = self.cache.get_many(self.namespace, keys)
+        put = self._memo.put
         todo: dict[bytes, int] = {}
         todo_texts: list[str] = []
         waiting: list[tuple[bytes, int]] = []  # (key, position in refs) awaiting a part
+        found = 0
         with self._lock:
-            for key, text, hit in zip(keys, present, cached, strict=True):
+            for key, (at, text), hit in zip(keys, missing, cached, strict=True):
                 if hit is not None:
-                    refs.append(hit)
+                    refs[at] = hit
+                    put(text, hit)
+                    found += 1
                     continue
                 other = self._inflight.get(key)
                 if other is not None:
-                    refs.append(other)
+                    refs[at] = other
                     continue
                 if key not in todo:
                     todo[key] = len(todo_texts)
                     todo_texts.append(text)
-                waiting.append((key, len(refs)))
-                refs.append(0)
-            owned: list[tuple[bytes, Future[list[int]], int]] = []
+                waiting.append((key, at))
             if todo_texts:
                 slots = self._submit_parts(todo_texts)
                 for key, pos in todo.items():
                     fut, j = slots[pos]
                     self._inflight[key] = (fut, j)
-                    owned.append((key, fut, j))
+                    owned.append((key, todo_texts[pos], fut, j))
                 for key, at in waiting:
                     refs[at] = self._inflight[key]
-        hits = sum(1 for h in cached if h is not None)
-        return Pending(self, texts, refs, owned, hits)
+        return found
 
     def count(self, texts: Sequence[str]) -> tuple[list[int], int, int]:
         """Blocking form of `submit(...).result()`; not for use on the counting threads."""
@@ -145,13 +175,16 @@ class LocalCounter:
             slots += [(fut, j) for j in range(len(part))]
         return slots
 
-    def _settle(self, owned: list[tuple[bytes, Future[list[int]], int]]) -> None:
+    def _settle(self, owned: list[tuple[bytes, str, Future[list[int]], int]]) -> None:
         if not owned:
             return
-        items = [(key, fut.result()[j]) for key, fut, j in owned]
+        items = [(key, fut.result()[j]) for key, _, fut, j in owned]
         self.cache.put_many(self.namespace, items)
+        put = self._memo.put
+        for (_, text, _, _), (_, count) in zip(owned, items, strict=True):
+            put(text, count)
         with self._lock:
-            for key, _, _ in owned:
+            for key, _, _, _ in owned:
                 self._inflight.pop(key, None)
 
     def encode(self, text: str) -> list[int]:
