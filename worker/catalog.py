@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import string
+from collections.abc import Callable
 from decimal import Decimal
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -126,6 +127,12 @@ class RenderTemplates(_Frozen):
     chunk_template: str = "[{id}] {text}\n\n"
     query_template: str = "Question: {query}"
 
+    def chunk_unit(self) -> Callable[[str, str], str]:
+        """`(id, text) -> chunk_template.format(id=id, text=text)`, the same string, built
+        by one join when the template is plain fields and literals (every chunk of every
+        request goes through it: `str.format` parses the template each call, ~3x the cost)."""
+        return _unit_maker(self.chunk_template)
+
     @model_validator(mode="after")
     def _units_add_up(self) -> RenderTemplates:
         for name, tpl, fields in (
@@ -145,6 +152,25 @@ class RenderTemplates(_Frozen):
             if not tpl.endswith("\n"):
                 raise ValueError(f"{name} must end with a newline")
         return self
+
+
+@lru_cache(maxsize=8)
+def _unit_maker(template: str) -> Callable[[str, str], str]:
+    literals = [""]  # the literal text before, between and after the fields
+    order: list[str] = []
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        literals[-1] += literal  # an escaped brace splits a literal in two
+        if field is None:
+            continue
+        if spec or conversion or field not in ("id", "text"):
+            return lambda id, text: template.format(id=id, text=text)
+        order.append(field)
+        literals.append("")
+    if order != ["id", "text"]:
+        return lambda id, text: template.format(id=id, text=text)
+    a, b, c = literals
+    join = "".join
+    return lambda id, text: join((a, id, b, text, c))
 
 
 class CachingConfig(_Frozen):

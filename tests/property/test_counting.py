@@ -143,3 +143,58 @@ def test_fit_is_within_budget_and_usage_equals_recount(
     if system:
         assert result.messages[0].content == system
     assert final.endswith(query)
+
+
+@given(
+    st.lists(
+        st.tuples(st.text(min_size=0, max_size=12), st.integers(0, 10**6)),
+        max_size=60,
+    ),
+    st.integers(0, 64),
+)
+def test_the_exact_text_tier_is_bounded_and_never_answers_wrong(
+    puts: list[tuple[str, int]], max_chars: int
+) -> None:
+    """Whatever is put, the tier holds at most `max_chars` characters, and a text it
+    answers for gets the count last put for it (or, after it was let go, no answer)."""
+    from worker.count.cache import TextMemo
+
+    memo = TextMemo(max_chars)
+    last: dict[str, int] = {}
+    for text, count in puts:
+        memo.put(text, count)
+        last[text] = count
+        assert memo.chars <= max_chars
+    for text in last:
+        got = memo.get(text)
+        assert got is None or got == last[text]
+        assert memo.chars <= max_chars
+
+
+_template_text = st.lists(st.sampled_from([*"[]<#ab \n:", "{{", "}}", "é"]), max_size=5).map(
+    "".join
+)  # literal template text: braces only escaped
+
+
+@given(
+    st.tuples(_template_text, _template_text, _template_text),
+    st.sampled_from(["{id}", "{id!r}", "{id:>4}"]),
+    st.text(max_size=8),
+    st.text(max_size=40),
+)
+def test_a_chunk_unit_is_the_template_formatted(
+    literals: tuple[str, str, str], id_field: str, chunk_id: str, text: str
+) -> None:
+    """The joined fast form gives `str.format`'s string for every template the catalog
+    accepts (escaped braces, format specs and conversions take `format` itself)."""
+    from pydantic import ValidationError
+
+    from worker.catalog import RenderTemplates
+
+    a, b, c = literals
+    template = f"[{a}{id_field}{b}{{text}}{c}\n"
+    try:
+        tpl = RenderTemplates(chunk_template=template)
+    except ValidationError:
+        return  # not a template the catalog takes
+    assert tpl.chunk_unit()(chunk_id, text) == template.format(id=chunk_id, text=text)

@@ -32,6 +32,16 @@ def _bills(layout: Layout) -> Iterator[Bill]:
 def pieces(layout: Layout) -> list[str]:
     """Every text whose count the accounting needs, in a fixed order (see `Costs.of`)."""
     out = [layout.header, layout.query, layout.query_unit]
+    if layout.legacy:  # the cookbook's every-value rule: content, then name and tool_call_id
+        out.append(layout.system)
+        for t in layout.turns:
+            out.append(t.content)
+            if t.name is not None:
+                out.append(t.name)
+            if t.tool_call_id is not None:
+                out.append(t.tool_call_id)
+        out += layout.chunk_units
+        return out
     for bill in _bills(layout):
         out += bill.content
         out += bill.framing
@@ -70,8 +80,10 @@ class Costs:
         """`role`: tokens of each role string (the cookbook counts the role's value too).
         `extra_scale`: what the stated-rule tokens of the bills (images, documents, call
         overheads) are multiplied by, for callers that count in fractions of a token."""
-        at = 3
         header, query, query_unit = counts[0], counts[1], counts[2]
+        if layout.legacy:
+            return cls._plain(layout, counts, framing, role)
+        at = 3
         sums: list[tuple[int, int]] = []
         per_message, per_name = framing.per_message, framing.per_name
         for bill in _bills(layout):
@@ -102,6 +114,40 @@ class Costs:
             content=tuple(c for c, _ in history),
             msg_framing=tuple(f for _, f in history),
             tools=tools,
+            chunk=tuple(counts[at:]),
+            framing=framing,
+        )
+
+    @classmethod
+    def _plain(
+        cls, layout: Layout, counts: list[int], framing: ChatFraming, role: dict[str, int]
+    ) -> Costs:
+        """`of` for a plain request, in the order `pieces` lists it: the system prompt, then
+        per turn its content, name and tool_call_id (no stated-rule tokens in plain text)."""
+        per_message, per_name = framing.per_message, framing.per_name
+        content: list[int] = []
+        frames: list[int] = []
+        at = 4
+        for t in layout.turns:
+            content.append(counts[at])
+            at += 1
+            frame = per_message + role.get(t.role, 1)
+            if t.name is not None:
+                frame += counts[at] + per_name
+                at += 1
+            if t.tool_call_id is not None:
+                frame += counts[at]
+                at += 1
+            frames.append(frame)
+        return cls(
+            system=counts[3],
+            header=counts[0],
+            query=counts[1],
+            query_unit=counts[2],
+            role=role,
+            content=tuple(content),
+            msg_framing=tuple(frames),
+            tools=0,
             chunk=tuple(counts[at:]),
             framing=framing,
         )

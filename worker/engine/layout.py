@@ -53,7 +53,9 @@ class Layout:
     Empty for a plain OpenAI request: its `turns` are passed through as they came."""
     roles: tuple[str, ...]
     bills: tuple[Bill, ...]
-    """Per history message: the texts and stated tokens it costs."""
+    """Per history message: the texts and stated tokens it costs. Empty for a plain
+    (`legacy`) request: its turns are billed from `turns` by the cookbook's rule directly
+    (`costs.pieces`, `Costs.of`), without a sheet per turn of every request."""
     groups: tuple[tuple[int, ...], ...]
     """Droppable exchanges, oldest first: a user turn with what follows it until the next user
     turn; whole tool units (a call and its results) never split."""
@@ -164,9 +166,10 @@ def build_layout(
     encoding = None if isinstance(info, str) else info.encoding
     model = req.model
     excluded = _excluded(req)
+    make_unit = tpl.chunk_unit()
     common: dict[str, Any] = {
         "provider": provider,
-        "chunk_units": tuple(tpl.chunk_template.format(id=c.id, text=c.text) for c in req.chunks),
+        "chunk_units": tuple(make_unit(c.id, c.text) for c in req.chunks),
         "excluded": excluded,
         "header": tpl.context_header,
         "chunk_template": tpl.chunk_template,
@@ -270,24 +273,30 @@ def _legacy(
     # OpenAI passes the request's own turns through (`plain_messages`); only Claude's
     # are rebuilt here, the role being the turn's own in both shapes.
     messages = () if provider == "openai" else tuple(_anthropic_turn(t) for t in turns)
-    bills = tuple(_plain_bill(t, t.role) for t in turns)
     groups: list[list[int]] = []
     pins: list[bool] = []
+    roles = []
     for i, turn in enumerate(turns):
-        if turn.role == "user" or not groups:
-            groups.append([])
-            pins.append(False)
-        groups[-1].append(i)
-        pins[-1] = pins[-1] or turn.pin
+        role = turn.role
+        roles.append(role)
+        if role == "user" or not groups:
+            groups.append([i])
+            pins.append(turn.pin)
+        else:
+            groups[-1].append(i)
+            if turn.pin:
+                pins[-1] = True
+    kept = [tuple(g) for g, p in zip(groups, pins, strict=True) if not p]
+    pinned = [tuple(g) for g, p in zip(groups, pins, strict=True) if p] if any(pins) else []
     return Layout(
         system=req.system,
         system_sdk=req.system,
         system_bill=Bill("system", (req.system,)),
         messages=messages,
-        roles=tuple(t.role for t in turns),
-        bills=bills,
-        groups=tuple(tuple(g) for g, p in zip(groups, pins, strict=True) if not p),
-        pinned=tuple(tuple(g) for g, p in zip(groups, pins, strict=True) if p),
+        roles=tuple(roles),
+        bills=(),
+        groups=tuple(kept),
+        pinned=tuple(pinned),
         query=req.query,
         query_unit=tpl.query_template.format(query=req.query),
         query_parts=None,
@@ -313,19 +322,6 @@ def _excluded(req: AssemblyRequest) -> tuple[str | None, ...]:
             seen.add(chunk.text)
             excluded.append(None)
     return tuple(excluded)
-
-
-_NO_TEXTS: tuple[str, ...] = ()
-
-
-def _plain_bill(t: Turn, role: str) -> Bill:
-    """The cookbook's every-value rule for a plain turn: content, and name / tool_call_id
-    as framing (built inline: this runs once per turn of every request)."""
-    name, call = t.name, t.tool_call_id
-    if name is None and call is None:
-        return Bill(role, (t.content,), _NO_TEXTS)
-    framing = tuple(v for v in (name, call) if v is not None)
-    return Bill(role, (t.content,), framing, name is not None)
 
 
 def _plain(t: Turn) -> dict[str, Any]:
