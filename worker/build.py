@@ -29,7 +29,7 @@ def build_engine(settings: Settings, backend: BackendName | None = None) -> Engi
         prompt_cache_key=settings.prompt_cache_key,
     )
     catalog = catalog.model_copy(update={"caching": caching})
-    cache = CountCache(settings.cache_bytes)
+    cache = CountCache(settings.cache_bytes, settings.cache_text_chars)
     limiter = RateLimiter(settings.anthropic_count_rpm, burst=settings.anthropic_count_burst)
 
     def anthropic() -> PayloadConfirmer:

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         "auto = fastokens for the worker, tiktoken for `fit`",
     )
     cache_bytes: int = Field(64 * 1024 * 1024, ge=0, description="Count cache bound, bytes")
+    cache_text_chars: int = Field(
+        16 * 1024 * 1024,
+        ge=0,
+        description="Text the count cache keeps to answer resent text exactly, characters",
+    )
     max_request_bytes: int = Field(
         1_048_576,
         ge=1,

@@ -95,3 +95,16 @@ def test_text_the_exact_tier_let_go_is_still_answered_by_the_digest_tier() -> No
         again, hits, misses = local.count(texts)
         assert again == counts and (hits, misses) == (6, 0)
         assert cache.stats().entries == 6  # the digest tier kept them all
+
+
+def test_a_large_piece_being_counted_for_one_call_is_not_counted_again(counter: Any) -> None:
+    local, pool = counter
+    enc = encoding("o200k_base")
+    large = "many words " * local.backend.inline_chars
+    first = local.submit([large, "first only"])
+    second = local.submit(["second only", large])
+    assert first.futures and second.futures  # both wait on the counting threads
+    assert pool.submitted == [2, 1]  # the large piece went once, with the first call
+    want = len(enc.encode_ordinary(large))
+    assert second.result()[0][1] == want and first.result()[0][0] == want
+    assert local.count([large]) == ([want], 1, 0)

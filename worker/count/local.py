@@ -35,28 +35,40 @@ class Pending:
     owned: list[tuple[bytes, str, Future[list[int]], int]]
     """Misses this call submitted: cached and released from the in-flight map on result()."""
     hits: int
+    misses: int = 0
+    waiting: bool = False
+    """Some refs are futures (else every count is known: the common case, no futures)."""
+    gaps: bool = False
+    """Some texts were empty (they have no ref and count 0)."""
 
     @property
     def futures(self) -> list[Future[list[int]]]:
+        if not self.waiting:
+            return []
         return list({id(f): f for r in self.refs if isinstance(r, tuple) for f in (r[0],)}.values())
 
     def result(self) -> tuple[list[int], int, int]:
         """(counts in input order, cache hits, misses); blocks until the parts are counted."""
-        parts: dict[int, list[int]] = {}
-        values: list[int] = []
-        for r in self.refs:
-            if isinstance(r, int):
-                values.append(r)
-                continue
-            fut, j = r
-            part = parts.get(id(fut))
-            if part is None:
-                part = parts[id(fut)] = fut.result()
-            values.append(part[j])
-        self.counter._settle(self.owned)
-        found = iter(values)
-        counts = [next(found) if t else 0 for t in self.texts]
-        return counts, self.hits, len(values) - self.hits
+        values: list[int]
+        if self.waiting:
+            parts: dict[int, list[int]] = {}
+            values = []
+            for r in self.refs:
+                if isinstance(r, int):
+                    values.append(r)
+                    continue
+                fut, j = r
+                part = parts.get(id(fut))
+                if part is None:
+                    part = parts[id(fut)] = fut.result()
+                values.append(part[j])
+            self.counter._settle(self.owned)
+        else:
+            values = self.refs  # type: ignore[assignment]  # all ints when not waiting
+        if self.gaps:
+            found = iter(values)
+            values = [next(found) if t else 0 for t in self.texts]
+        return values, self.hits, self.misses
 
 
 class LocalCounter:
@@ -94,8 +106,10 @@ class LocalCounter:
         young = memo.young.get
         refs: list[int | tuple[Future[list[int]], int]] = []
         missing: list[tuple[int, str]] = []  # (position in refs, text) not in the young tier
+        gaps = False
         for t in texts:
             if not t:  # empty names and ids are common and cost nothing
+                gaps = True
                 continue
             hit = young(t)
             if hit is None:
@@ -107,60 +121,63 @@ class LocalCounter:
             refs.append(hit)
         hits = len(refs) - len(missing)
         memo.hits += hits
-        owned: list[tuple[bytes, str, Future[list[int]], int]] = []
+        pending = Pending(self, texts, refs, [], hits, gaps=gaps)
         if missing:
-            hits += self._submit_missing(missing, refs, owned)
-        return Pending(self, texts, refs, owned, hits)
+            self._submit_missing(missing, pending)
+        return pending
 
-    def _submit_missing(
-        self,
-        missing: list[tuple[int, str]],
-        refs: list[int | tuple[Future[list[int]], int]],
-        owned: list[tuple[bytes, str, Future[list[int]], int]],
-    ) -> int:
+    def _submit_missing(self, missing: list[tuple[int, str]], pending: Pending) -> None:
         """The digest tier, then the pieces being counted, then the counting threads, for
-        the texts the exact tier did not know; returns how many the digest tier knew."""
+        the texts the exact tier did not know. Misses small enough to count here are
+        counted at once, with no future and no in-flight entry."""
+        refs = pending.refs
         keys = [digest(t) for _, t in missing]
         cached = self.cache.get_many(self.namespace, keys)
         put = self._memo.put
         todo: dict[bytes, int] = {}
         todo_texts: list[str] = []
-        waiting: list[tuple[bytes, int]] = []  # (key, position in refs) awaiting a part
-        found = 0
+        waiting: list[tuple[bytes, int]] = []  # (key, position in refs) awaiting a count
+        for key, (at, text), hit in zip(keys, missing, cached, strict=True):
+            if hit is not None:
+                refs[at] = hit
+                put(text, hit)
+                pending.hits += 1
+                continue
+            if key not in todo:
+                todo[key] = len(todo_texts)
+                todo_texts.append(text)
+            waiting.append((key, at))
+        pending.misses = len(waiting)
+        if not todo_texts:
+            return
+        if sum(map(len, todo_texts)) <= self.backend.inline_chars:  # cheaper than the hop
+            counts = self.backend.count_many(todo_texts)
+            for key, at in waiting:
+                refs[at] = counts[todo[key]]
+            self.cache.put_many(self.namespace, zip(todo, counts, strict=True))
+            for text, count in zip(todo_texts, counts, strict=True):
+                put(text, count)
+            return
+        owned = pending.owned
         with self._lock:
-            for key, (at, text), hit in zip(keys, missing, cached, strict=True):
-                if hit is not None:
-                    refs[at] = hit
-                    put(text, hit)
-                    found += 1
-                    continue
-                other = self._inflight.get(key)
-                if other is not None:
-                    refs[at] = other
-                    continue
-                if key not in todo:
-                    todo[key] = len(todo_texts)
-                    todo_texts.append(text)
-                waiting.append((key, at))
-            if todo_texts:
-                slots = self._submit_parts(todo_texts)
-                for key, pos in todo.items():
-                    fut, j = slots[pos]
-                    self._inflight[key] = (fut, j)
-                    owned.append((key, todo_texts[pos], fut, j))
-                for key, at in waiting:
-                    refs[at] = self._inflight[key]
-        return found
+            inflight = self._inflight
+            pairs = list(zip(todo, todo_texts, strict=True))
+            fresh = [text for key, text in pairs if key not in inflight]
+            slots = iter(self._submit_parts(fresh)) if fresh else iter(())
+            for key, text in pairs:
+                if key not in inflight:
+                    fut, j = next(slots)
+                    inflight[key] = (fut, j)
+                    owned.append((key, text, fut, j))
+            for key, at in waiting:
+                refs[at] = inflight[key]
+        pending.waiting = True
 
     def count(self, texts: Sequence[str]) -> tuple[list[int], int, int]:
         """Blocking form of `submit(...).result()`; not for use on the counting threads."""
         return self.submit(texts).result()
 
     def _submit_parts(self, texts: list[str]) -> list[tuple[Future[list[int]], int]]:
-        if sum(map(len, texts)) <= self.backend.inline_chars:  # cheaper than the hop
-            done: Future[list[int]] = Future()
-            done.set_result(self.backend.count_many(texts))
-            return [(done, j) for j in range(len(texts))]
         parts: list[list[str]] = [[]]
         size = 0
         for t in texts:

@@ -42,8 +42,12 @@ def allocate(wants: Wants, policy: Policy) -> Plan:
             hist_used += newest_first[hist_kept]
             hist_kept += 1
 
+    candidates = sum(1 for cost in wants.chunks if cost is not None)
+
     def fill_context(limit: int) -> None:
         nonlocal ctx_used
+        if len(ctx_kept) == candidates:  # every chunk is in (the common case of a refill)
+            return
         kept = set(ctx_kept)
         for i, cost in enumerate(wants.chunks):
             if cost is None or i in kept:

@@ -182,13 +182,14 @@ class Costs:
 
     def wants(self, layout: Layout, budget_tokens: int) -> Wants:
         content, framing = self.fixed(layout)
-        history = tuple(
-            sum(self.content[i] + self.msg_framing[i] for i in group) for group in layout.groups
-        )
-        chunks = tuple(
-            None if why is not None else cost
-            for cost, why in zip(self.chunk, layout.excluded, strict=True)
-        )
+        per = list(map(int.__add__, self.content, self.msg_framing))
+        history = tuple(sum(map(per.__getitem__, group)) for group in layout.groups)
+        chunks: tuple[int | None, ...] = self.chunk
+        if any(layout.excluded):  # duplicates and empty chunks are not candidates
+            chunks = tuple(
+                None if why is not None else cost
+                for cost, why in zip(self.chunk, layout.excluded, strict=True)
+            )
         return Wants(
             budget=budget_tokens,
             fixed=content + framing,

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.engine.request import AssemblyRequest
+from worker.engine.request import AssemblyRequest, Turn
 from worker.errors import InvalidRequest, RequestTooLarge
 
 
@@ -76,17 +76,25 @@ def check_limits(req: AssemblyRequest, limits: Limits) -> None:
 
 
 def _longest(req: AssemblyRequest) -> int:
-    """The longest text of `_items`, measured the same way but without naming the texts."""
-    longest = max((len(c.text) for c in req.chunks), default=0)
+    """The longest text of `_items`, measured the same way but without naming the texts
+    (plain turns and string fields by `len` in one list: a generator per item cost as
+    much as the rest of the decode past pydantic)."""
+    lengths = [len(c.text) for c in req.chunks]
     for turn in req.history:
+        if type(turn) is Turn:
+            lengths.append(len(turn.content))
+            continue
         content = turn.get("content") if isinstance(turn, dict) else turn.content
         if isinstance(content, str):
-            longest = max(longest, len(content))
+            lengths.append(len(content))
         else:
-            longest = max(longest, max((len(t) for _, t in _texts(content)), default=0))
+            lengths.extend(len(t) for _, t in _texts(content))
     for value in (req.system, req.query):
-        longest = max(longest, max((len(t) for _, t in _texts(value)), default=0))
-    return longest
+        if isinstance(value, str):
+            lengths.append(len(value))
+        else:
+            lengths.extend(len(t) for _, t in _texts(value))
+    return max(lengths, default=0)
 
 
 def _items(req: AssemblyRequest) -> list[tuple[str, str]]:

@@ -75,7 +75,7 @@ def grid_first_kept(costs: Sequence[int], budget: int, block: int) -> int:
     """
     if block <= 0:
         raise ValueError("block must be a positive number of tokens")
-    if budget < 0 or any(c < 0 for c in costs):
+    if budget < 0 or (costs and min(costs) < 0):
         raise ValueError("a budget and exchange costs cannot be negative")
     starts = [0, *accumulate(costs)]  # starts[i]: offset of exchange i; starts[n]: total
     total, i = starts[-1], 0
