@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from worker.catalog import ModelInfo, Provider, RenderTemplates
@@ -113,7 +114,8 @@ class Layout:
         if self.system:
             out.append(Turn(role="system", content=self.system))
         turns = self.turns
-        out.extend(turns[i] for i in self.kept_indices(plan.history_kept))
+        kept = self.kept_indices(plan.history_kept)
+        out.extend(turns if len(kept) == len(turns) else map(turns.__getitem__, kept))
         out.append(Turn(role="user", content=self.final_content(plan, units)))
         return out
 
@@ -144,6 +146,8 @@ class Layout:
         return sorted(kept, key=lambda g: g[0])
 
     def kept_indices(self, groups_kept: int) -> list[int]:
+        if not self.pinned:  # the newest exchanges, already in history order
+            return list(chain.from_iterable(self.groups[len(self.groups) - groups_kept :]))
         return [i for g in self.kept_groups(groups_kept) for i in g]
 
     def turn_indices(self, groups_kept: int) -> list[int]:

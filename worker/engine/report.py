@@ -53,15 +53,20 @@ def build_result(
         payload = layout.render(plan, units)
         messages = list(_MESSAGES.validate_python(payload.messages))
     turn_ids = layout.turn_indices(plan.history_kept)
-    history = sum(costs.content[i] for i in turn_ids)
+    if len(turn_ids) == len(costs.content):  # the whole history is kept
+        history, turn_framing = sum(costs.content), sum(costs.msg_framing)
+    else:
+        history = sum(map(costs.content.__getitem__, turn_ids))
+        turn_framing = sum(map(costs.msg_framing.__getitem__, turn_ids))
     context = 0
     if plan.chunks_kept:
-        context = costs.context_overhead(layout) + sum(costs.chunk[i] for i in plan.chunks_kept)
+        context = costs.context_overhead(layout) + sum(
+            map(costs.chunk.__getitem__, plan.chunks_kept)
+        )
     system = costs.system if layout.system else 0
     _, fixed_framing = costs.fixed(layout)
     pinned = [i for g in layout.pinned for i in g]
-    framing = fixed_framing - sum(costs.msg_framing[i] for i in pinned)
-    framing += sum(costs.msg_framing[i] for i in turn_ids)
+    framing = fixed_framing - sum(costs.msg_framing[i] for i in pinned) + turn_framing
     total = system + history + context + costs.query + costs.tools + framing
     inexact = list(layout.inexact)
     if confirmed is not None:
