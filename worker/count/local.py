@@ -93,6 +93,12 @@ class LocalCounter:
         self._lock = threading.Lock()
         self._roles: dict[str, int] | None = None
 
+    def use(self, backend: Backend) -> None:
+        """Count with `backend` from now on (an exact one: the counts do not change, only
+        how fast they are made; calls already started finish with the previous one)."""
+        self.backend = backend
+        self.method = backend.name
+
     def role_tokens(self) -> dict[str, int]:
         """Tokens of each chat role string, counted once per counter."""
         if self._roles is None:
