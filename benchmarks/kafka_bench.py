@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -299,6 +300,21 @@ class System:
             return True
         return all(self._ready_file(t, n).exists() for n in range(self.processes))
 
+    async def warm(self) -> None:
+        """Every process counts at full speed: a worker's vocabularies have switched to the
+        backend it loads behind (its /status `counting`; a tree without it is warm once
+        ready)."""
+        if not self.kind.startswith("worker"):
+            return
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            for port in self.ports:
+                while True:
+                    with contextlib.suppress(OSError, IndexError, ValueError):
+                        counting = (await http_json(port, "/status")).get("counting", {})
+                        if not any(m.startswith("tiktoken:") for m in counting.values()):
+                            break
+                    await asyncio.sleep(0.2)
+
     def _ready_file(self, t: Topics, n: int) -> Path:
         return self.logs / f"{t.group}-{n}.ready"
 
@@ -314,6 +330,16 @@ class System:
                 p.wait(10)
         self.procs.clear()
         self.ports.clear()
+
+
+async def http_json(port: int, path: str) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    body: dict[str, Any] = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    return body
 
 
 async def http_status(port: int, path: str) -> int:
@@ -338,10 +364,11 @@ async def fresh_topics(bootstrap: str) -> Topics:
     return t
 
 
-async def throughput(system: System, values: Sequence[bytes]) -> tuple[float, float]:
-    """(requests/s, seconds from start to ready): the rate from a preloaded backlog,
-    counted once every process owns partitions (a second worker joining triggers a
-    rebalance) and up to 90% of the outputs."""
+async def throughput(system: System, values: Sequence[bytes]) -> tuple[float, float, float]:
+    """(requests/s, seconds from start to ready, and to full speed): the rate from a
+    preloaded backlog, counted once every process owns partitions (a second worker joining
+    triggers a rebalance) and counts at full speed (a worker's fastokens loads behind it),
+    up to 90% of the outputs."""
     t = await fresh_topics(system.bootstrap)
     await produce_all(system.bootstrap, t.src, values)
     async with Arrivals(system.bootstrap, t.dst) as out:
@@ -350,11 +377,13 @@ async def throughput(system: System, values: Sequence[bytes]) -> tuple[float, fl
         try:
             await system.ready(t)
             ready_at = time.perf_counter()
+            await system.warm()
+            warm_at = time.perf_counter()
             await out.wait(len(values))
         finally:
             system.stop()
     times = sorted(out.at.values())
-    start = max(ready_at, times[int(len(times) * 0.1)])
+    start = max(warm_at, times[int(len(times) * 0.1)])
     end = times[int(len(times) * 0.9)]
     counted = sum(1 for x in times if start < x <= end)
     if end - start < MIN_WINDOW_S or counted < len(values) // 4:
@@ -362,7 +391,7 @@ async def throughput(system: System, values: Sequence[bytes]) -> tuple[float, fl
             f"{system.label}: only {counted} outputs after all processes were ready; "
             "raise --requests"
         )
-    return counted / (end - start), ready_at - started
+    return counted / (end - start), ready_at - started, warm_at - started
 
 
 async def latency(system: System, values: Sequence[bytes], rate: float) -> tuple[float, float]:
@@ -374,6 +403,7 @@ async def latency(system: System, values: Sequence[bytes], rate: float) -> tuple
         system.start(t)
         try:
             await system.ready(t)
+            await system.warm()
             warm_values = [build_request(i, "warm") for i in range(warm)]
             await produce_paced(system.bootstrap, t.src, warm_values, rate, {}, "warm")
             await out.wait(warm)
@@ -395,6 +425,10 @@ class Row:
     half_p50: float = 0.0
     """Latency at half the passthrough's throughput."""
     half_p99: float = 0.0
+    ready: float = 0.0
+    """Seconds from the process start to ready (/readyz), median."""
+    warm: float = 0.0
+    """... and to counting at full speed (fastokens loaded behind), median."""
 
 
 def contenders(bootstrap: str, logs: Path, base: Path | None) -> list[System]:
@@ -421,14 +455,19 @@ async def bench(
     print(f"{n} requests, {size / 1024:.1f} KB each on average, {PARTITIONS} partitions")
     systems = contenders(bootstrap, logs, base)
     rows = [Row(s.label, s.kind) for s in systems]
-    rates: list[list[float]] = [[] for _ in systems]
+    rates: list[list[tuple[float, float, float]]] = [[] for _ in systems]
     for _ in range(rounds):
         for system, seen in zip(systems, rates, strict=True):
-            rate, ready_s = await throughput(system, values)
-            seen.append(rate)
-            print(f"  throughput  {system.label:<40} {rate:8.0f} req/s  (ready in {ready_s:.1f} s)")
+            rate, ready_s, warm_s = await throughput(system, values)
+            seen.append((rate, ready_s, warm_s))
+            print(
+                f"  throughput  {system.label:<40} {rate:8.0f} req/s  "
+                f"(ready in {ready_s:.1f} s, full speed in {warm_s:.1f} s)"
+            )
     for row, seen in zip(rows, rates, strict=True):
-        row.rate = statistics.median(seen)
+        row.rate = statistics.median(x[0] for x in seen)
+        row.ready = statistics.median(x[1] for x in seen)
+        row.warm = statistics.median(x[2] for x in seen)
     slowest = 0.5 * min(r.rate for r in rows if r.kind != "worker-eos")
     half = 0.5 * rows[0].rate
     for at_half, rate, what in (
@@ -457,13 +496,14 @@ def table(rows: list[Row]) -> str:
     slowest = 0.5 * min(r.rate for r in rows if r.kind != "worker-eos")
     lines = [
         f"| system | req/s | vs passthrough | p50 ms | p99 ms | p50 vs passthrough "
-        f"| p50 / p99 ms at {base.rate / 2:.0f} req/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| p50 / p99 ms at {base.rate / 2:.0f} req/s | start to ready | to full speed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r.label} | {r.rate:.0f} | {r.rate / base.rate:.2f}x | {r.p50:.1f} | "
-            f"{r.p99:.1f} | {r.p50 / base.p50:.2f}x | {r.half_p50:.1f} / {r.half_p99:.1f} |"
+            f"{r.p99:.1f} | {r.p50 / base.p50:.2f}x | {r.half_p50:.1f} / {r.half_p99:.1f} "
+            f"| {r.ready:.1f} s | {r.warm:.1f} s |"
         )
     lines.append("")
     lines.append(

@@ -150,6 +150,9 @@ async def test_a_spare_replica_is_ready_and_reports_no_partitions(
         for s in (a_settings, b_settings):
             status = await _status(s.health_port)
             assert status["ready"] is True and status["member"] is True
+            # every vocabulary the catalog's OpenAI models use is loaded, and says how it counts
+            assert set(status["counting"]) >= {"o200k_base", "cl100k_base"}
+            assert all(m.endswith(n) for n, m in status["counting"].items())
             owned.extend(status["partitions"])
         assert owned == [f"{names.requests}[0]"]  # exactly one owner
         assert await a.stop() == 0

@@ -18,7 +18,7 @@ lifetime and fitted by the same rules. Everything is decided from this request a
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.catalog import CacheTTL, Prices
 from worker.engine.costs import Costs
@@ -32,14 +32,9 @@ from worker.engine.result import (
     FitResult,
     PromptCache,
 )
-from worker.providers.anthropic_cache import (
-    Block,
-    Placement,
-    expected_cache_tokens,
-    mark_payload,
-    payload_blocks,
-    place_breakpoints,
-)
+
+if TYPE_CHECKING:  # Claude's breakpoints: imported by the first Claude request
+    from worker.providers.anthropic_cache import Placement
 
 OPENAI_CACHE_BLOCK = 128
 """OpenAI matches cached prefixes in whole blocks of this many tokens (PAYLOADS.md §1.5)."""
@@ -99,6 +94,14 @@ def _anthropic(
     p: Prepared, plan: Plan, costs: Costs, result: FitResult, cache: PromptCache, ttl: CacheTTL
 ) -> tuple[int, int]:
     """Place breakpoints on the rendered Claude payload; (read, written) tokens expected."""
+    from worker.providers.anthropic_cache import (
+        Block,
+        expected_cache_tokens,
+        mark_payload,
+        payload_blocks,
+        place_breakpoints,
+    )
+
     prices = p.info.prices
     if not p.caching.anthropic_breakpoints or prices is None or prices.cache_min_tokens is None:
         return 0, 0

@@ -24,11 +24,9 @@ from tiktoken import Encoding
 from worker.catalog import Catalog, default_catalog, default_config_dir
 from worker.count.backends import BackendName, make_backend, resolve_backend
 from worker.count.cache import CountCache
-from worker.count.claude_estimate import ClaudeTokenizers, load_claude_tokenizers
-from worker.count.claude_modes import ClaudeCounting
 from worker.count.local import LocalCounter
 from worker.count.vocab import encoding
-from worker.engine import fit_api, fit_local
+from worker.engine import fit_local
 from worker.engine.prepared import Prepared, prepare
 from worker.engine.report import error_result
 from worker.engine.request import AssemblyRequest
@@ -38,6 +36,9 @@ from worker.errors import TokenheapError
 
 if TYPE_CHECKING:  # the SDK takes over a second to import: only Claude requests pay for it
     from worker.count.claude_confirm import PayloadConfirmer
+    from worker.count.claude_estimate import ClaudeTokenizers
+    from worker.count.claude_modes import ClaudeCounting
+    from worker.engine import fit_api  # the Claude path: imported by its first request
 
 BATCH = 64
 """Requests of `fit_many` whose counting is started before the previous batch is finished."""
@@ -213,6 +214,11 @@ class Engine:
                 pass
         return None
 
+    def counting(self) -> dict[str, str]:
+        """How each loaded vocabulary counts now (`tiktoken:o200k_base`, ...): /status
+        shows it, and whether a load behind has finished."""
+        return {name: counter.method for name, counter in list(self._local.items())}
+
     def _load_behind(self, names: list[str], done: Future[None]) -> None:
         try:
             with ThreadPoolExecutor(len(names), "tokenheap-load") as pool:
@@ -225,6 +231,8 @@ class Engine:
             done.set_result(None)
 
     async def _fit_claude(self, p: Prepared) -> FitResult:
+        from worker.engine import fit_api
+
         try:
             claude, local = self.claude, self.local(fit_api.LOCAL_ENCODING)
         except TokenheapError as exc:  # e.g. a models.yaml without claude_tokenizers
@@ -235,6 +243,9 @@ class Engine:
     def claude(self) -> fit_api.ClaudeCounter:
         """What every Claude request of this engine shares (built on first use)."""
         if self._claude is None:
+            from worker.count.claude_estimate import load_claude_tokenizers
+            from worker.engine import fit_api
+
             tokenizers = self.claude_tokenizers or default_config_dir() / "models.yaml"
             if isinstance(tokenizers, Path):
                 tokenizers = load_claude_tokenizers(tokenizers)

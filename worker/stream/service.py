@@ -95,6 +95,7 @@ class _State:
     whether (and by when) the worker is stopping."""
 
     watch: BrokerWatch
+    engine: Engine | None = None
     flow: Flow | None = None
     stopping: bool = False
     deadline: float | None = None
@@ -109,9 +110,16 @@ class _State:
 
     def status(self) -> dict[str, Any]:
         """/status and /readyz details of the current session's flow (none between them)."""
+        counting = self.engine.counting() if self.engine is not None else {}
         if self.flow is None:
-            return {"member": False, "partitions": [], "in_flight": 0, "paused_partitions": 0}
-        return flow_status(self.flow)()
+            return {
+                "member": False,
+                "partitions": [],
+                "in_flight": 0,
+                "paused_partitions": 0,
+                "counting": counting,
+            }
+        return {**flow_status(self.flow)(), "counting": counting}
 
     def until(self, budget_s: float) -> float:
         """The shutdown deadline once stopping, else `budget_s` from now."""
@@ -144,7 +152,7 @@ async def serve(
         on_start=telemetry.on_kafka_outage_start,
         on_end=telemetry.on_kafka_outage_end,
     )
-    state = _State(watch)
+    state = _State(watch, engine)
     quiet = ClientLogFilter(watch)
     health = HealthServer(
         settings.health_host,
