@@ -11,6 +11,7 @@ from worker.count.cache import CountCache
 from worker.count.limiter import RateLimiter
 from worker.engine.decode import Limits
 from worker.engine.engine import Engine
+from worker.engine.memo import MessageMemo
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ def build_engine(settings: Settings, backend: BackendName | None = None) -> Engi
         claude_audit_fraction=settings.claude_audit_fraction,
         claude_drift_threshold=settings.claude_drift_threshold,
         claude_tokenizers=(settings.config_dir or default_config_dir()) / "models.yaml",
+        memo=MessageMemo(settings.cache_messages) if settings.cache_messages else None,
     )
 
 

@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Text the count cache keeps to answer resent text exactly, characters",
     )
+    cache_messages: int = Field(
+        16_384,
+        ge=0,
+        description="Native messages whose parsing, SDK form and bill are kept for their "
+        "next resend (0: off)",
+    )
     max_request_bytes: int = Field(
         1_048_576,
         ge=1,

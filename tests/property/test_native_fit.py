@@ -361,3 +361,62 @@ def test_query_image_recounts_by_the_tile_rule(
         w, h, detail, base, tile
     )
     check_openai_output(result)
+
+
+# -- per-message memo: a remembered message fits as a new one ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def remembering(catalog: Any) -> Any:
+    """One engine whose message memo every example adds to, and one without a memo."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.count.cache import CountCache
+
+    pool = ThreadPoolExecutor(2)
+    shared = Engine(catalog=catalog, cache=CountCache(1024 * 1024), executor=pool)
+    plain = Engine(catalog=catalog, cache=CountCache(1024 * 1024), executor=pool, memo=None)
+    yield shared, plain
+    shared.close()
+    plain.close()
+    pool.shutdown()
+
+
+def _comparable(result: FitResult) -> dict[str, Any]:
+    doc = result.model_dump(mode="json", exclude_none=True)
+    doc.pop("cache")  # the count cache's hit/miss split differs between the two engines
+    return doc
+
+
+@SETTINGS
+@given(
+    history=openai_transcripts() | st.lists(_message, max_size=5),
+    cut=st.integers(0, 12),
+    window=st.integers(60, 3000),
+)
+def test_a_remembered_message_fits_as_a_new_one(
+    remembering: Any, history: list[dict[str, Any]], cut: int, window: int
+) -> None:
+    """The same conversation a turn earlier and now (and random, often invalid, messages),
+    decoded from JSON: the engine that remembers messages across every example gives the
+    result, or the error naming the same path, that an engine without a memo gives."""
+    import json
+
+    from worker.engine.decode import decode_request
+    from worker.errors import TokenheapError
+
+    shared, plain = remembering
+    for part in (history[:cut], history, history[:cut]):
+        doc = {
+            "request_id": "m",
+            "model": "gpt-4o",
+            "system": "Be brief.",
+            "history": part,
+            "query": "And now?",
+            "budget": {"max_context_tokens": window, "output_reserve": 16},
+        }
+        try:
+            req = decode_request(json.dumps(doc))
+        except TokenheapError:
+            return
+        assert _comparable(shared.fit_sync(req)) == _comparable(plain.fit_sync(req))

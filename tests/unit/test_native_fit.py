@@ -324,3 +324,56 @@ def test_bad_query_part_is_named_by_its_place_in_the_query(
     result = _fit(make_engine(), doc)
     assert result.status == "error" and result.error is not None
     assert result.error.message.startswith("query[1].image_url.url"), result.error.message
+
+
+_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+_TURN_ONE = [
+    {"role": "user", "content": "look it up"},
+    {"role": "assistant", "content": None, "tool_calls": [_CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    {"role": "assistant", "content": "It is 42."},
+]
+
+
+def _decoded(history: list[Any]) -> AssemblyRequest:
+    from worker.engine.decode import decode_request
+
+    doc = {"request_id": "m", "model": "gpt-4o", "history": history, "query": "and then?"}
+    return decode_request(json.dumps(doc))
+
+
+def test_a_resent_native_history_parses_only_its_new_messages(
+    make_engine: Callable[[], Engine],
+) -> None:
+    engine = make_engine()
+    memo = engine.memo
+    assert memo is not None
+    first = engine.fit_sync(_decoded(_TURN_ONE))
+    assert (memo.hits, memo.misses) == (0, 4)
+    second_history = [*_TURN_ONE, {"role": "user", "content": "and?"},
+                      {"role": "assistant", "content": "Done."}]  # fmt: skip
+    second = engine.fit_sync(_decoded(second_history))
+    assert (memo.hits, memo.misses) == (4, 6)  # only the two new messages were parsed
+    assert second.messages[:4] == first.messages[:4]  # no system prompt: history first
+    # a request built in Python (its dicts may hold what JSON cannot) takes the full path
+    built = AssemblyRequest.model_validate(
+        {"request_id": "p", "model": "gpt-4o", "history": second_history, "query": "q"}
+    )
+    assert engine.fit_sync(built).status == "ok"
+    assert (memo.hits, memo.misses) == (4, 6)
+
+
+def test_a_remembered_history_still_has_its_rules_checked(
+    make_engine: Callable[[], Engine],
+) -> None:
+    """Each message was valid when remembered; the history they make now is not (a call
+    whose result does not follow it): refused, naming the call, as without a memo."""
+    engine = make_engine()
+    engine.fit_sync(_decoded(_TURN_ONE))
+    reordered = [_TURN_ONE[0], _TURN_ONE[3], _TURN_ONE[1], _TURN_ONE[3], _TURN_ONE[2]]
+    result = engine.fit_sync(_decoded(reordered))
+    assert result.error is not None and result.error.code == "invalid_request"
+    assert result.error.message.startswith("history[2].tool_calls[0]: ")
+    fresh = make_engine()
+    fresh.memo = None
+    assert fresh.fit_sync(_decoded(reordered)).error == result.error

@@ -36,6 +36,7 @@ def decode_request(raw: bytes | str, limits: Limits = Limits()) -> AssemblyReque
         req = AssemblyRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise InvalidRequest(_summarise(exc)) from None
+    req._from_json = True
     _check_roles(req)
     check_limits(req, limits)
     return req

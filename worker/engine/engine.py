@@ -27,6 +27,7 @@ from worker.count.cache import CountCache
 from worker.count.local import LocalCounter
 from worker.count.vocab import encoding
 from worker.engine import fit_local
+from worker.engine.memo import MessageMemo
 from worker.engine.prepared import Prepared, prepare
 from worker.engine.report import error_result
 from worker.engine.request import AssemblyRequest
@@ -75,6 +76,8 @@ class Engine:
     claude_tokenizers: ClaudeTokenizers | Path | None = None
     """Claude tokenizer families, or the models.yaml to read them from on the first Claude
     request (None: the default models.yaml)."""
+    memo: MessageMemo | None = field(default_factory=MessageMemo)
+    """Native messages' parsing, SDK form and bill, remembered across requests (None: off)."""
     _local: dict[str, LocalCounter] = field(default_factory=dict)
     _claude: fit_api.ClaudeCounter | None = None
     _runner: asyncio.Runner | None = None
@@ -93,7 +96,7 @@ class Engine:
         """
         try:
             with stage("prepare"):
-                p = prepare(self.catalog, req)
+                p = prepare(self.catalog, req, self.memo)
         except TokenheapError as exc:
             return error_result(req.request_id, req.model, exc, req)
         if p.info.provider == "anthropic":
@@ -158,7 +161,7 @@ class Engine:
         if isinstance(item, FitResult):
             return item
         try:
-            p = prepare(self.catalog, item)
+            p = prepare(self.catalog, item, self.memo)
         except TokenheapError as exc:
             return error_result(item.request_id, item.model, exc, item)
         if p.info.provider == "anthropic":

@@ -19,6 +19,7 @@ from worker.engine.plan import Plan
 from worker.engine.request import AssemblyRequest, Turn
 
 if TYPE_CHECKING:
+    from worker.engine.memo import MessageMemo, Remembered
     from worker.providers.rules import PayloadRules
 
 
@@ -163,9 +164,11 @@ def build_layout(
     info: ModelInfo | Provider,
     tpl: RenderTemplates,
     rules: PayloadRules | None = None,
+    memo: MessageMemo | None = None,
 ) -> Layout:
     """Lay a request out for its provider; native parts are parsed, checked and converted
-    first (raises InvalidRequest / RequestTooLarge naming the part)."""
+    first (raises InvalidRequest / RequestTooLarge naming the part). A `memo` remembers
+    each native message's parsing, SDK form and bill across requests (`engine.memo`)."""
     provider = info if isinstance(info, str) else info.provider
     encoding = None if isinstance(info, str) else info.encoding
     model = req.model
@@ -188,14 +191,17 @@ def build_layout(
 
     rules = rules or default_rules()
     images = ImageCheck(provider, model, rules)
-    native = prepare_native(req, provider, rules, images)
+    native = prepare_native(req, provider, rules, images, memo)
     bill_of: Callable[[Any], Bill]
     if provider == "openai":
         bill_of = lambda m: openai_bill(m, model, rules)  # noqa: E731
     else:
         bill_of = lambda m: anthropic_bill(m, model, rules)  # noqa: E731
-    messages = tuple(m.sdk() for m in native.history)
-    bills = tuple(bill_of(m) for m in native.history)
+    if native.remembered is not None:
+        messages, bills = _remembered(native.remembered, model, bill_of)
+    else:
+        messages = tuple(m.sdk() for m in native.history)
+        bills = tuple(bill_of(m) for m in native.history)
     groups: list[list[int]] = []
     pins: list[bool] = []
     for unit in native.units:
@@ -242,6 +248,24 @@ def build_layout(
         inexact=tuple(reasons),
         **common,
     )
+
+
+def _remembered(
+    items: list[Remembered], model: str, bill_of: Callable[[Any], Bill]
+) -> tuple[tuple[dict[str, Any], ...], tuple[Bill, ...]]:
+    """SDK forms and bills of remembered messages, made for those that lack them."""
+    messages: list[dict[str, Any]] = []
+    bills: list[Bill] = []
+    for item in items:
+        sdk = item.sdk
+        if sdk is None:
+            sdk = item.sdk = item.parsed.sdk()
+        bill = item.bills.get(model)
+        if bill is None:
+            bill = item.bills[model] = bill_of(item.parsed)
+        messages.append(sdk)
+        bills.append(bill)
+    return tuple(messages), tuple(bills)
 
 
 @dataclass(frozen=True, slots=True)

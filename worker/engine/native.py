@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from worker.catalog import Provider
+from worker.engine.memo import MessageMemo, Remembered
 from worker.engine.request import AssemblyRequest, Turn
 from worker.errors import InvalidRequest, RequestTooLarge
 from worker.providers import anthropic as an
@@ -47,16 +48,37 @@ class Native:
     tools: list[oa.Tool] | list[an.Tool] | None
     tool_choice: oa.ToolChoice | an.ToolChoice | None
     units: list[Unit]
+    remembered: list[Remembered] | None = None
+    """Per history message, what `memo` keeps of it (None: no memo, or not a memo's path)."""
 
 
 def prepare_native(
-    req: AssemblyRequest, provider: Provider, rules: PayloadRules, images: ImageCheck
+    req: AssemblyRequest,
+    provider: Provider,
+    rules: PayloadRules,
+    images: ImageCheck,
+    memo: MessageMemo | None = None,
 ) -> Native:
-    """Parse, check and convert every native part (raises InvalidRequest / RequestTooLarge)."""
-    raw = [_as_dict(t) for t in req.history]
-    source = _shape(raw, "history") or provider
+    """Parse, check and convert every native part (raises InvalidRequest / RequestTooLarge).
+    With a `memo`, an OpenAI-shaped history of an OpenAI request decoded from JSON parses
+    only the messages the memo does not know (the history's rules are checked on all of
+    them, as always)."""
+    remembered = None
+    if memo is not None and provider == "openai" and req._from_json:
+        remembered = _remembered_openai(req.history, req.model, rules, images, memo)
     system: Any = req.system
     history: list[oa.Message] | list[an.Message]
+    if remembered is not None:
+        mine: list[oa.Message] = [r.parsed for r in remembered]
+        units = openai_units(mine)
+        history = mine
+        if isinstance(system, list):
+            system = parse(_OA_TEXTS, [_strip_cache(b) for b in system], "system")
+        query = _query(req.query, provider, req.model, rules, images)
+        tools, choice = _tools(req.tools, req.tool_choice, provider)
+        return Native(history, system, query, tools, choice, units, remembered)
+    raw = [_as_dict(t) for t in req.history]
+    source = _shape(raw, "history") or provider
     if provider == "openai":
         mine = _openai_history(raw, source, req.model, rules, images)
         units = openai_units(mine)
@@ -75,6 +97,41 @@ def prepare_native(
 
 
 _OA_TEXTS: TypeAdapter[list[oa.TextPart]] = TypeAdapter(list[oa.TextPart])
+
+
+def _remembered_openai(
+    items: Sequence[Turn | dict[str, Any]],
+    model: str,
+    rules: PayloadRules,
+    images: ImageCheck,
+    memo: MessageMemo,
+) -> list[Remembered] | None:
+    """The history's messages from the memo, the new ones parsed in one call and
+    remembered; the history's rules checked on all. None when the history is not OpenAI
+    shaped, or a message does not parse: the caller takes the full path, which converts
+    it, or raises the same error naming the same path."""
+    keys = [memo.key(t) for t in items]
+    found = [memo.get(k) for k in keys]
+    new = [i for i, r in enumerate(found) if r is None]
+    memo.hits += len(items) - len(new)
+    memo.misses += len(new)
+    raw = {i: _as_dict(items[i]) for i in new}
+    shapes = {i: _message_shape(raw[i]) for i in new}
+    named = {shapes[i] if r is None else r.shape for i, r in enumerate(found)} - {None}
+    if named - {"openai"}:  # Anthropic-shaped parts, or both shapes: the full path
+        return None
+    if new:
+        try:
+            parsed = oa.HISTORY.validate_python([raw[i] for i in new])
+        except ValidationError:
+            return None
+        for i, msg in zip(new, parsed, strict=True):
+            item = Remembered(msg, shapes[i])
+            found[i] = item
+            memo.put(keys[i], item)
+    out: list[Remembered] = found  # type: ignore[assignment]  # every slot filled above
+    oa.check_history([r.parsed for r in out], model, rules=rules, images=images)
+    return out
 
 
 def _as_dict(t: Turn | dict[str, Any]) -> dict[str, Any]:

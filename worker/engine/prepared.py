@@ -8,6 +8,7 @@ from worker.catalog import CachingConfig, Catalog, ModelInfo, Profile
 from worker.engine.budget import Budget, budget_for
 from worker.engine.costs import pieces
 from worker.engine.layout import Layout, build_layout
+from worker.engine.memo import MessageMemo
 from worker.engine.request import AssemblyRequest
 
 
@@ -22,11 +23,11 @@ class Prepared:
     caching: CachingConfig = field(default_factory=CachingConfig)
 
 
-def prepare(catalog: Catalog, req: AssemblyRequest) -> Prepared:
+def prepare(catalog: Catalog, req: AssemblyRequest, memo: MessageMemo | None = None) -> Prepared:
     """Resolve the model and profile and lay the request out (raises TokenheapError; a
     native part the provider would refuse is an InvalidRequest naming its path)."""
     info = catalog.model(req.model)
     profile = catalog.profile(req.budget.profile)
     budget = budget_for(req, info, profile)
-    layout = build_layout(req, info, catalog.render)
+    layout = build_layout(req, info, catalog.render, memo=memo)
     return Prepared(req, info, profile, budget, layout, pieces(layout), catalog.caching)

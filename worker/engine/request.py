@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 
 class _Strict(BaseModel):
@@ -105,6 +105,10 @@ class AssemblyRequest(_Strict):
     tool_choice: str | dict[str, Any] | None = None
     """Native `tool_choice` of either provider, emitted as given (converted when needed)."""
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    _from_json: bool = PrivateAttr(default=False)
+    """Decoded from JSON text (`decode_request`): its native messages hold JSON values only,
+    so their JSON text is a faithful key for `worker.engine.memo` (a Python caller's dict
+    may hold a tuple where JSON has a list, which strict parsing treats differently)."""
     tenant: str | None = None
     pipeline: str | None = None
     conversation_id: str | None = None

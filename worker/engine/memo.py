@@ -1,0 +1,91 @@
+"""Per-message work of native histories, remembered by the message's content.
+
+A conversation resends its whole history every turn, and a native history (tool calls,
+tool results, content parts) costs most of a request's work per message: parsing it into
+the provider's models, dumping it as the SDK takes it, and billing it. None of that
+depends on the other messages, so a message seen before reuses all three and turn N pays
+for its new messages only. What does depend on the other messages (the provider's history
+rules, such as every tool call answered right after it; and the exchanges trimming keeps
+whole) is still checked on every request, on the remembered models.
+
+A message is keyed by its content: a plain turn by its fields, a native message by its
+JSON text (key order included: a reordered message is only a miss, never a wrong answer;
+only for requests decoded from JSON, whose values JSON text renders faithfully).
+The remembered parts are shared between requests, so nothing downstream may change them:
+the models are frozen, and the tests fit the same requests with and without a memo and
+compare. Bounded in messages, in two generations like the count cache's text tier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic_core import PydanticSerializationError, to_json
+
+from worker.engine.bill import Bill
+from worker.engine.request import Turn
+
+
+@dataclass(slots=True, eq=False)
+class Remembered:
+    """One message's own work: its model, its SDK form and its bill per target model."""
+
+    parsed: Any
+    shape: str | None
+    """The provider shape its fields name (None: valid in both), see `native._shape`."""
+    sdk: dict[str, Any] | None = None
+    bills: dict[str, Bill] = field(default_factory=dict)
+
+
+class MessageMemo:
+    """Content key -> `Remembered`, for the OpenAI-shaped histories of OpenAI requests.
+
+    >>> memo = MessageMemo(max_items=4)
+    >>> key = memo.key({"role": "user", "content": "hi"})
+    >>> memo.get(key) is None
+    True
+    """
+
+    __slots__ = ("_half", "_old", "_young", "hits", "misses")
+
+    def __init__(self, max_items: int = 16_384) -> None:
+        self._young: dict[Hashable, Remembered] = {}
+        self._old: dict[Hashable, Remembered] = {}
+        self._half = max(0, max_items // 2)
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(message: Turn | dict[str, Any]) -> Hashable | None:
+        """The content key of a history item (None: not JSON, never remembered)."""
+        if isinstance(message, Turn):
+            return (message.role, message.content, message.name, message.tool_call_id,
+                    message.pin)  # fmt: skip
+        try:
+            return to_json(message)  # in Rust: a sixth of json.dumps's time
+        except (PydanticSerializationError, ValueError):
+            return None
+
+    def get(self, key: Hashable | None) -> Remembered | None:
+        if key is None:
+            return None
+        found = self._young.get(key)
+        if found is None:
+            found = self._old.get(key)
+            if found is not None:
+                self.put(key, found)
+        return found
+
+    def put(self, key: Hashable | None, item: Remembered) -> None:
+        if key is None or self._half == 0:
+            return
+        young = self._young
+        if key not in young and len(young) >= self._half:
+            self._old, self._young = young, {}
+            young = self._young
+        young[key] = item
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
