@@ -8,7 +8,7 @@ so a noisy neighbour slows them alike. Figures are medians; ratios are what to q
 
 The start-up rows time `python -c pass` and `tokenheap fit` on a file of one request (the
 reuse file's first). `--other-tree` adds that tree's `tokenheap fit` (another checkout, e.g.
-`git worktree add --detach /tmp/base <commit>`) on the one-request and reuse files, run
+`git worktree add --detach /tmp/base <commit>`) on the one-request, reuse and agent files, run
 from its own folder, so a change is measured against its base in the same run. Bytecode
 is compiled first for every tree run, as an installed package has it (this environment
 sets PYTHONDONTWRITEBYTECODE, which would otherwise recompile tokenheap in every process).
@@ -60,6 +60,7 @@ def contenders(
     if other is not None:
         out["other tree: tokenheap fit, 1 request (start-up)"] = ([*fit, str(one)], one, other)
         out["other tree: tokenheap fit (reuse)"] = ([*fit, str(reuse)], reuse, other)
+        out["other tree: tokenheap fit (agent)"] = ([*fit, str(agent)], agent, other)
     return out
 
 
@@ -119,6 +120,10 @@ def main() -> None:
         theirs = med["other tree: tokenheap fit, 1 request (start-up)"] - interp
         print(f"  other tree: {theirs:.3f} s")
     print(f"tokenheap fit (reuse) / I/O floor (reuse): {ref['reuse'] / floor:.2f}x (target <= 3x)")
+    seed = med["seed algorithm (reuse)"]
+    print(
+        f"seed algorithm (reuse) / tokenheap fit (reuse): {seed / ref['reuse']:.2f}x (target >= 5x)"
+    )
 
 
 if __name__ == "__main__":
