@@ -62,7 +62,7 @@ def build_engine(settings: Settings, backend: BackendName | None = None) -> Engi
         claude_audit_fraction=settings.claude_audit_fraction,
         claude_drift_threshold=settings.claude_drift_threshold,
         claude_tokenizers=(settings.config_dir or default_config_dir()) / "models.yaml",
-        memo=MessageMemo(settings.cache_messages) if settings.cache_messages else None,
+        memo=MessageMemo(settings.cache_message_bytes) if settings.cache_message_bytes else None,
     )
 
 

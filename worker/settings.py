@@ -94,11 +94,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Text the count cache keeps to answer resent text exactly, characters",
     )
-    cache_messages: int = Field(
-        16_384,
+    cache_message_bytes: int = Field(
+        32 * 1024 * 1024,
         ge=0,
         description="Native messages whose parsing, SDK form and bill are kept for their "
-        "next resend (0: off)",
+        "next resend, bytes of their JSON (0: off)",
     )
     max_request_bytes: int = Field(
         1_048_576,

@@ -420,3 +420,29 @@ def test_a_remembered_message_fits_as_a_new_one(
         except TokenheapError:
             return
         assert _comparable(shared.fit_sync(req)) == _comparable(plain.fit_sync(req))
+
+
+@given(
+    st.lists(
+        st.tuples(st.text(max_size=30), st.integers(0, 5)),
+        max_size=60,
+    ),
+    st.integers(0, 400),
+)
+def test_the_message_memo_is_bounded_and_answers_only_what_was_put(
+    puts: list[tuple[str, int]], max_bytes: int
+) -> None:
+    from worker.engine.memo import MessageMemo, Remembered, _size
+
+    memo = MessageMemo(max_bytes)
+    last: dict[Any, Remembered] = {}
+    for text, n in puts:
+        key = memo.key({"role": "user", "content": text, "n": n})
+        item = Remembered(parsed=(text, n), shape=None)
+        memo.put(key, item)
+        last[key] = item
+        held = sum(_size(k) for k in (*memo._young, *memo._old))
+        assert held <= max_bytes
+    for key, item in last.items():
+        got = memo.get(key)
+        assert got is None or got is item

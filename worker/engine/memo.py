@@ -13,7 +13,7 @@ JSON text (key order included: a reordered message is only a miss, never a wrong
 only for requests decoded from JSON, whose values JSON text renders faithfully).
 The remembered parts are shared between requests, so nothing downstream may change them:
 the models are frozen, and the tests fit the same requests with and without a memo and
-compare. Bounded in messages, in two generations like the count cache's text tier.
+compare. Bounded in bytes, in two generations like the count cache's text tier.
 """
 
 from __future__ import annotations
@@ -42,18 +42,23 @@ class Remembered:
 class MessageMemo:
     """Content key -> `Remembered`, for the OpenAI-shaped histories of OpenAI requests.
 
-    >>> memo = MessageMemo(max_items=4)
+    Bounded by the size of the messages it holds (their JSON text, or a plain turn's
+    content), `max_bytes` in all: the parsed models and SDK forms share their strings.
+
+    >>> memo = MessageMemo(max_bytes=1_000)
     >>> key = memo.key({"role": "user", "content": "hi"})
     >>> memo.get(key) is None
     True
     """
 
-    __slots__ = ("_half", "_old", "_young", "hits", "misses")
+    __slots__ = ("_half", "_held", "_old", "_young", "hits", "misses")
 
-    def __init__(self, max_items: int = 16_384) -> None:
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
         self._young: dict[Hashable, Remembered] = {}
         self._old: dict[Hashable, Remembered] = {}
-        self._half = max(0, max_items // 2)
+        self._held = 0
+        """Size of the young generation's messages."""
+        self._half = max(0, max_bytes // 2)
         self.hits = 0
         self.misses = 0
 
@@ -79,13 +84,27 @@ class MessageMemo:
         return found
 
     def put(self, key: Hashable | None, item: Remembered) -> None:
-        if key is None or self._half == 0:
+        if key is None:
             return
+        size = _size(key)
+        if size > self._half:
+            return  # bigger than a generation: parsed again when resent
         young = self._young
-        if key not in young and len(young) >= self._half:
-            self._old, self._young = young, {}
-            young = self._young
+        if key not in young:
+            self._held += size
+            if self._held > self._half:
+                self._old, self._young = young, {}
+                young = self._young
+                self._held = size
         young[key] = item
 
     def __len__(self) -> int:
         return len(self._young) + len(self._old)
+
+
+def _size(key: Hashable) -> int:
+    if isinstance(key, bytes):
+        return len(key)
+    if isinstance(key, tuple):  # a plain turn: (role, content, name, tool_call_id, pin)
+        return 64 + len(key[1])
+    return 64
