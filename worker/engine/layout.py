@@ -189,6 +189,8 @@ def build_layout(
     from worker.providers.base import ImageCheck
     from worker.providers.rules import default_rules
 
+    if rules is not None:
+        memo = None  # its bills were made under the default rules
     rules = rules or default_rules()
     images = ImageCheck(provider, model, rules)
     native = prepare_native(req, provider, rules, images, memo)

@@ -68,32 +68,28 @@ def prepare_native(
         remembered = _remembered_openai(req.history, req.model, rules, images, memo)
     system: Any = req.system
     history: list[oa.Message] | list[an.Message]
-    if remembered is not None:
-        mine: list[oa.Message] = [r.parsed for r in remembered]
-        units = openai_units(mine)
-        history = mine
-        if isinstance(system, list):
-            system = parse(_OA_TEXTS, [_strip_cache(b) for b in system], "system")
-        query = _query(req.query, provider, req.model, rules, images)
-        tools, choice = _tools(req.tools, req.tool_choice, provider)
-        return Native(history, system, query, tools, choice, units, remembered)
-    raw = [_as_dict(t) for t in req.history]
-    source = _shape(raw, "history") or provider
     if provider == "openai":
-        mine = _openai_history(raw, source, req.model, rules, images)
+        if remembered is not None:
+            mine: list[oa.Message] = [r.parsed for r in remembered]
+        else:
+            raw = [_as_dict(t) for t in req.history]
+            source = _shape(raw, "history") or provider
+            mine = _openai_history(raw, source, req.model, rules, images)
         units = openai_units(mine)
         history = mine
         if isinstance(system, list):
             # text blocks of either shape; Claude's cache_control has no OpenAI form
             system = parse(_OA_TEXTS, [_strip_cache(b) for b in system], "system")
     else:
+        raw = [_as_dict(t) for t in req.history]
+        source = _shape(raw, "history") or provider
         theirs, extra_system = _anthropic_history(raw, source, req.model, rules, images)
         units = anthropic_units(theirs)
         history = theirs
         system = _anthropic_system(system, extra_system)
     query = _query(req.query, provider, req.model, rules, images)
     tools, choice = _tools(req.tools, req.tool_choice, provider)
-    return Native(history, system, query, tools, choice, units)
+    return Native(history, system, query, tools, choice, units, remembered)
 
 
 _OA_TEXTS: TypeAdapter[list[oa.TextPart]] = TypeAdapter(list[oa.TextPart])
