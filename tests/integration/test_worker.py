@@ -12,15 +12,18 @@ import io
 import json
 import re
 import sys
+import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from worker.build import build_engine
+from worker.engine.engine import Engine
 from worker.stream.dlq import list_dead_letters, replay_dead_letters
 from worker.stream.kafka import ensure_topics, partitions_of
 from worker.stream.outgoing import MAX_VALUE_BYTES, Source, dead_letter_message
@@ -55,10 +58,22 @@ def _no_duplicates(ids: list[str]) -> None:
     assert not dupes, f"published more than once: {sorted(dupes)[:10]}"
 
 
-async def test_round_trip_across_partitions(kafka_bootstrap: str, make_topics: MakeTopics) -> None:
+async def test_round_trip_across_partitions(
+    kafka_bootstrap: str, make_topics: MakeTopics, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every request gets one result keyed by conversation (else request id), with its alerts
     and trace headers; a request the engine rejects gets an error result; all of it is
-    committed; /readyz is up while partitions are owned."""
+    committed; /readyz is down while the vocabularies load, up while partitions are owned."""
+    release = threading.Event()
+    preload = Engine.preload
+
+    def held(self: Engine, names: Sequence[str], *, behind: bool = False) -> Any:
+        assert release.wait(30), "the test never let the vocabularies load"
+        return preload(self, names, behind=behind)
+
+    # loading takes a fraction of a second now (fastokens loads behind): hold it, so the
+    # worker is observed live and not ready for certain
+    monkeypatch.setattr(Engine, "preload", held)
     names = await kit.make_names(make_topics, partitions=3)
     n = 30
     values = [kit.request(i, conversation=f"conv-{i % 4}" if i % 2 else None) for i in range(n)]
@@ -73,7 +88,8 @@ async def test_round_trip_across_partitions(kafka_bootstrap: str, make_topics: M
         kit.InProcessWorker(settings, telemetry=telemetry) as worker,
     ):
         await worker.wait_live()
-        assert await kit.http_status(port, "/readyz") == 503  # loading, joining: not yet
+        assert await kit.http_status(port, "/readyz") == 503  # loading: not yet
+        release.set()
         await worker.wait_ready()
         sent = await kit.produce(
             kafka_bootstrap, names.requests, values, partition_of=lambda i: i % 3
