@@ -134,3 +134,24 @@ def test_nothing_loads_behind_for_tiktoken() -> None:
     with Engine(backend="tiktoken") as engine:
         assert engine.preload(["o200k_base"], behind=True) is None
         assert engine.local("o200k_base").method == "tiktoken:o200k_base"
+
+
+def test_a_counter_told_to_count_here_never_hands_off(counter: Any) -> None:
+    """A `fit --jobs` fork has a core to itself: even a large miss is counted on the
+    caller's thread, with the same count."""
+    local, pool = counter
+    enc = encoding("o200k_base")
+    local.here = True
+    large = "words and more words " * local.backend.inline_chars
+    pending = local.submit([large, "small"])
+    assert not pending.futures and pool.submitted == []
+    assert pending.result()[0] == [len(enc.encode_ordinary(large)), 1]
+
+
+def test_engine_count_here_reaches_every_counter() -> None:
+    from worker.engine.engine import Engine
+
+    with Engine(backend="tiktoken") as engine:
+        before = engine.local("o200k_base")
+        engine.count_here()
+        assert before.here and engine.local("cl100k_base").here

@@ -164,6 +164,8 @@ def _child(
     def advance(n: int) -> None:
         done[k] = n
 
+    engine.count_here()  # one fork per core: counting threads would only compete with it
+
     sink: IO[str]
     if isinstance(sink_to, io.TextIOBase):  # the first range: the output itself
         sink = sink_to

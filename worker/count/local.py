@@ -92,6 +92,10 @@ class LocalCounter:
         self._inflight: dict[bytes, tuple[Future[list[int]], int]] = {}
         self._lock = threading.Lock()
         self._roles: dict[str, int] | None = None
+        self.here = False
+        """Count every miss on the caller's thread: for a process that already has a core
+        of its own to itself (a `fit --jobs` fork), where the counting threads only add
+        hand-offs and contention (measured: cold files 0.88x the time)."""
 
     def use(self, backend: Backend) -> None:
         """Count with `backend` from now on (an exact one: the counts do not change, only
@@ -156,7 +160,7 @@ class LocalCounter:
         pending.misses = len(waiting)
         if not todo_texts:
             return
-        if sum(map(len, todo_texts)) <= self.backend.inline_chars:  # cheaper than the hop
+        if self.here or sum(map(len, todo_texts)) <= self.backend.inline_chars:
             counts = self.backend.count_many(todo_texts)
             for key, at in waiting:
                 refs[at] = counts[todo[key]]

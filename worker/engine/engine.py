@@ -83,6 +83,7 @@ class Engine:
     _local: dict[str, LocalCounter] = field(default_factory=dict)
     _claude: fit_api.ClaudeCounter | None = None
     _runner: asyncio.Runner | None = None
+    _here: bool = False
     _threads: Executor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -186,9 +187,11 @@ class Engine:
         return counter
 
     def _counter(self, enc: Encoding, backend: BackendName) -> LocalCounter:
-        return LocalCounter(
+        counter = LocalCounter(
             enc, cache=self.cache, executor=self._threads, backend=make_backend(enc, backend)
         )
+        counter.here = self._here
+        return counter
 
     def preload(self, encodings: Sequence[str], *, behind: bool = False) -> Future[None] | None:
         """Load vocabularies now (seconds each) rather than on the first request. Several
@@ -218,6 +221,13 @@ class Engine:
             for _ in pool.map(lambda name: self.local(name).role_tokens(), names):
                 pass
         return None
+
+    def count_here(self) -> None:
+        """Count every miss on the caller's thread from now on, not on the counting
+        threads: for a process with one core to itself (each `fit --jobs` fork)."""
+        self._here = True
+        for counter in list(self._local.values()):
+            counter.here = True
 
     def counting(self) -> dict[str, str]:
         """How each loaded vocabulary counts now (`tiktoken:o200k_base`, ...): /status
