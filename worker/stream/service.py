@@ -19,7 +19,6 @@ import signal
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -372,10 +371,8 @@ def _clients(
 
 
 async def _warm(engine: Engine) -> None:
-    """Load the local vocabularies before joining the group, so the first requests of a
-    ready worker do not wait for them. fastokens (about 2 s to load) loads behind: the
-    worker joins counting with tiktoken (exact too, a fifth of the load time) and each
-    vocabulary switches over once loaded."""
+    """Load the local vocabularies before joining the group (seconds each), so the first
+    requests of a ready worker do not wait for them."""
     began = time.perf_counter()
     names = sorted(
         {
@@ -384,23 +381,9 @@ async def _warm(engine: Engine) -> None:
             if m.provider == "openai" and m.encoding
         }
     )
-    behind = await asyncio.to_thread(engine.preload, names, behind=True)
+    await asyncio.to_thread(engine.preload, names)
     log.info("vocabularies %s loaded in %.1f s", ", ".join(names), time.perf_counter() - began)
-    if behind is not None:
-        behind.add_done_callback(lambda f: _loaded_behind(f, names, began))
     settle_heap()  # start-up is over: out of the collector's way (worker.runtime)
-
-
-def _loaded_behind(done: Future[None], names: list[str], began: float) -> None:
-    exc = done.exception()
-    if exc is not None:
-        log.warning("fastokens could not be loaded, counting goes on with tiktoken: %r", exc)
-    else:
-        log.info(
-            "fastokens counts %s from now on (%.1f s from start-up)",
-            ", ".join(names),
-            time.perf_counter() - began,
-        )
 
 
 async def _quietly(what: str, step: Awaitable[object], until: float | None = None) -> None:
