@@ -332,23 +332,24 @@ class System:
         self.ports.clear()
 
 
-async def http_json(port: int, path: str) -> dict[str, Any]:
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """(status, body) of one GET to the health endpoint."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
     raw = await reader.read()
     writer.close()
-    body: dict[str, Any] = json.loads(raw.split(b"\r\n\r\n", 1)[1])
-    return body
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
 
 
 async def http_status(port: int, path: str) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    line = await reader.readline()
-    writer.close()
-    return int(line.split()[1])
+    return (await http_get(port, path))[0]
+
+
+async def http_json(port: int, path: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((await http_get(port, path))[1])
+    return doc
 
 
 # -- measurements -----------------------------------------------------------------------
