@@ -11,6 +11,7 @@ in files, so log volume and exit codes are the operator's view.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -21,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from tests.integration import worker_kit as kit
-from tests.integration.conftest import new_topics, unique_name
+from tests.integration.conftest import load_broker_module, new_topics, unique_name
 from tests.support.anthropic_server import AnthropicServer
 from worker.settings import Settings
+from worker.stream.publish import transactional_id
 from worker.stream.service import serve
 
 pytestmark = pytest.mark.kafka
@@ -289,3 +292,70 @@ async def test_a_long_outage_is_survived_live_quiet_and_counted_once(
     assert _count(log, r"Kafka \S+ unreachable") == 1, log[-4000:]
     assert _count(log, r"reachable again after \d+\.\d s") == 1, log[-4000:]
     assert "restarting the Kafka clients" in log
+
+
+async def _leave_forgotten_transaction(
+    bootstrap: str, txid: str, tp: TopicPartition, known: TopicPartition
+) -> None:
+    """What a broker that crashes mid-commit can leave behind: a batch of this transactional
+    id in `tp` whose transaction the coordinator counts as complete, with no marker in `tp`.
+    Made here by not telling the coordinator about `tp` (the broker's partition verification
+    is off) and committing a transaction it knows through `known`: the coordinator writes
+    markers only where it knows of the transaction."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, transactional_id=txid, enable_idempotence=True
+    )
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        producer._txn_manager._txn_partitions.add(tp)  # "added": no AddPartitionsToTxn
+        forgotten = json.dumps({"request_id": "forgotten"}).encode()
+        await (await producer.send(tp.topic, forgotten, partition=tp.partition))
+        await (await producer.send(known.topic, forgotten, partition=known.partition))
+        await producer.commit_transaction()
+    finally:
+        await producer.stop()
+
+
+async def test_exactly_once_aborts_a_transaction_its_predecessor_left_without_markers(
+    tmp_path: Path,
+) -> None:
+    """A batch of the worker's own transactional id left open without a marker (as a broker
+    killed mid-commit can leave one) must neither hold read_committed readers back forever
+    nor be committed by the worker's next transaction in that partition: the worker aborts
+    it when it takes the partition, and every request is published exactly once."""
+    broker = load_broker_module().Broker(
+        overrides={"transaction.partition.verification.enable": "false"}
+    )
+    broker.start()
+    try:
+        names = await _names(broker, partitions=2)
+        for source in range(names.partitions):
+            txid = transactional_id(names.group, TopicPartition(names.requests, source))
+            await _leave_forgotten_transaction(
+                broker.bootstrap,
+                txid,
+                TopicPartition(names.results, source),
+                TopicPartition(names.alerts, source),
+            )
+        n = 40
+        values = [kit.request(i) for i in range(n)]
+        await kit.produce(broker.bootstrap, names.requests, values,
+                          partition_of=lambda i: i % names.partitions)  # fmt: skip
+        settings = kit.settings_for(
+            broker.bootstrap, names, health_port=kit.free_port(), delivery="exactly-once"
+        )
+        async with kit.InProcessWorker(settings) as worker:
+            await worker.wait_ready()
+            async with kit.Reader(
+                broker.bootstrap, [names.results], names.partitions, committed_only=True
+            ) as r:
+                await r.wait_for(lambda: len(set(r.ids(names.results))) >= n, 60)
+                await asyncio.sleep(1.0)  # let a committed leftover show up too
+            assert await worker.stop() == 0
+    finally:
+        broker.stop()
+    ids = r.ids(names.results)
+    assert "forgotten" not in ids
+    assert set(ids) == {kit.request_id(i) for i in range(n)}
+    _no_duplicates(ids)

@@ -162,10 +162,15 @@ class TransactionalPublisher:
         group_id: str,
         telemetry: Telemetry,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        outputs: Sequence[str] = (),
     ) -> None:
+        """`outputs`: every topic this worker writes to (results, alerts, dead letters),
+        swept for a predecessor's forgotten transaction when a partition is assigned."""
         self._common = common
         self._max_message_bytes = max_message_bytes
         self._group_id = group_id
+        self._outputs = tuple(dict.fromkeys(outputs))
         self._telemetry = telemetry
         self._txns: dict[TopicPartition, _Txn] = {}
 
@@ -191,7 +196,7 @@ class TransactionalPublisher:
             for tp in new
         }
         results = await asyncio.gather(
-            *(p.start() for p in producers.values()), return_exceptions=True
+            *(self._start(tp, p) for tp, p in producers.items()), return_exceptions=True
         )
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -199,6 +204,46 @@ class TransactionalPublisher:
             raise failed[0]
         for tp, producer in producers.items():
             self._txns[tp] = _Txn(producer)
+
+    async def _start(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
+        await producer.start()
+        if self._outputs:
+            await self._sweep(tp, producer)
+
+    async def _sweep(self, source: TopicPartition, producer: AIOKafkaProducer) -> None:
+        """Abort, with the new producer epoch, whatever an earlier owner of this
+        transactional id left open in the output partitions without the coordinator
+        knowing: one empty transaction over every output partition and the group's
+        offsets, aborted.
+
+        Why: `start()` resolved every transaction the coordinator knows of, but a broker
+        that crashes while committing can mark a prepared transaction complete without
+        writing its markers (seen with a single-node Kafka 4.3 killed and restarted: no
+        marker in any partition, the offsets' one included). Its batches stay open under
+        our producer id: read_committed readers stop at them (the partition's last stable
+        offset is stuck), and this producer's next commit in that partition commits them
+        too, while their input, whose offsets never became visible, is processed again:
+        published twice. Aborting is what Kafka's own remedy for a hanging transaction
+        does (`kafka-transactions.sh abort`); an abort marker where nothing is open costs
+        one control record. aiokafka has no call to add a partition without sending to it,
+        so the transaction manager is told directly (pinned by an integration test).
+        """
+        manager = producer._txn_manager
+        tps = [
+            TopicPartition(topic, p)
+            for topic in self._outputs
+            for p in sorted(await producer.partitions_for(topic))
+        ]
+        await producer.begin_transaction()
+        try:
+            for tp in tps:
+                manager.maybe_add_partition_to_txn(tp)
+            # Puts the group's offsets partition in the transaction too: its abort marker
+            # drops any offset the forgotten transaction left pending (this one is aborted).
+            await producer.send_offsets_to_transaction({source: 0}, self._group_id)
+        finally:
+            await producer.abort_transaction()
+        log.debug("%s: swept %d output partitions", manager.transactional_id, len(tps))
 
     async def revoked(self, tps: Collection[TopicPartition]) -> None:
         """Close the partitions' producers; a transaction still open is aborted."""

@@ -354,8 +354,9 @@ def _clients(
     producing = {**common, **producer_tuning(settings)}
     if settings.delivery == "exactly-once":
         sink = TransactionalPublisher(
-            producing, settings.group_id, telemetry, settings.max_message_bytes
-        )
+            producing, settings.group_id, telemetry, settings.max_message_bytes,
+            outputs=(settings.results_topic, settings.alerts_topic, settings.dead_letter_topic),
+        )  # fmt: skip
     else:
         sink = IdempotentPublisher(producing, telemetry, settings.max_message_bytes)
     consumer = AIOKafkaConsumer(
