@@ -14,7 +14,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import marshal
 import os
 import pickle
 import signal
@@ -25,6 +24,7 @@ from typing import IO, Any
 
 import tiktoken
 
+from worker import diskcache
 from worker.errors import ConfigError
 
 VOCAB_DIR = Path(__file__).with_name("vocab")
@@ -54,48 +54,18 @@ def ranks(name: str) -> dict[bytes, int]:
     Parsing takes ~0.3 s for o200k_base; a marshal copy in the user cache loads in ~0.05 s
     and carries a sha256 of itself, so a damaged or altered copy is ignored and rebuilt.
     """
-    cached = _cache_path(name)
+    cached = diskcache.cache_file(f"{name}-{SHA256[name][:16]}")
     if cached is not None:
-        table = _read_marshal(cached)
-        if table is not None:
+        table = diskcache.load(cached)
+        if isinstance(table, dict):
             return table
     data = verified_bytes(name)
     it = iter(data.split())
     b64 = base64.b64decode
     table = {b64(token): int(rank) for token, rank in zip(it, it, strict=True)}
     if cached is not None:
-        _write_marshal(cached, table)
+        diskcache.store(cached, table)
     return table
-
-
-def _cache_path(name: str) -> Path | None:
-    if os.environ.get("TOKENHEAP_VOCAB_CACHE", "1") == "0":
-        return None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "tokenheap" / f"{name}-{SHA256[name][:16]}.marshal"
-
-
-def _read_marshal(path: Path) -> dict[bytes, int] | None:
-    try:
-        blob = path.read_bytes()
-    except OSError:
-        return None
-    head, body = blob[:32], blob[32:]
-    if hashlib.sha256(body).digest() != head:
-        return None
-    table = marshal.loads(body)
-    return table if isinstance(table, dict) else None
-
-
-def _write_marshal(path: Path, table: dict[bytes, int]) -> None:
-    body = marshal.dumps(table)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(hashlib.sha256(body).digest() + body)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs the faster start
 
 
 @cache
