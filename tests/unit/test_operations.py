@@ -16,7 +16,7 @@ from worker.stream.health import HealthServer
 
 def test_every_setting_is_known_and_typos_get_their_closest_name() -> None:
     env = {f"TOKENHEAP_{n.upper()}": "x" for n in Settings.model_fields}
-    env |= {"TOKENHEAP_SETTINGS_FILE": "f", "PATH": "/bin"}
+    env |= {"TOKENHEAP_SETTINGS_FILE": "f", "TOKENHEAP_DISK_CACHE": "0", "PATH": "/bin"}
     assert unknown_variables(env) == []
     found = unknown_variables({"TOKENHEAP_GROUPID": "g", "TOKENHEAP_ZZZ": "1"})
     assert found == [("TOKENHEAP_GROUPID", "TOKENHEAP_GROUP_ID"), ("TOKENHEAP_ZZZ", None)]

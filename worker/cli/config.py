@@ -21,8 +21,9 @@ from worker.settings import Settings
 
 PREFIX = "TOKENHEAP_"
 SETTINGS_FILE_VAR = "TOKENHEAP_SETTINGS_FILE"
-OTHER_VARS = frozenset({SETTINGS_FILE_VAR})
-"""TOKENHEAP_* variables read outside the Settings model."""
+OTHER_VARS = frozenset({SETTINGS_FILE_VAR, "TOKENHEAP_DISK_CACHE", "TOKENHEAP_VOCAB_CACHE"})
+"""TOKENHEAP_* variables read outside the Settings model (the disk cache is read before
+any settings are: `worker.diskcache`)."""
 
 
 def known_variables() -> set[str]:
