@@ -7,7 +7,6 @@ pydantic's own messages name a field, not the variable a user typed, and end in 
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from collections.abc import Mapping
@@ -36,6 +35,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]
     out: list[tuple[str, str | None]] = []
     for name in sorted(environ):
         if name.upper().startswith(PREFIX) and name.upper() not in known:
+            import difflib  # only for a typo: ~3 ms of every start otherwise
+
             close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.7)
             out.append((name, close[0] if close else None))
     return out
