@@ -37,9 +37,11 @@ ENV PATH=/opt/tokenheap/bin:$PATH \
     TOKENHEAP_HEALTH_HOST=0.0.0.0 \
     TOKENHEAP_HEALTH_PORT=8080
 # The vocabularies ship inside the package (worker/count/vocab/*.tiktoken): check them
-# against their sha256 now, and keep the parsed rank tables in XDG_CACHE_HOME so the worker
-# starts without re-parsing them. Read-only at runtime; a damaged copy is simply re-parsed.
+# against their sha256 now, and keep the parsed rank tables and config files in
+# XDG_CACHE_HOME (worker/diskcache.py) so the worker starts without re-parsing them.
+# Read-only at runtime; a damaged copy is simply re-parsed.
 RUN python -c "from worker.count.vocab import SHA256, encoding; [encoding(n) for n in SHA256]" \
+    && python -c "from worker.catalog import default_catalog; default_catalog()" \
     && tokenheap config-docs > /dev/null
 USER 10001:10001
 EXPOSE 8080
