@@ -227,22 +227,34 @@ class TransactionalPublisher:
         does (`kafka-transactions.sh abort`); an abort marker where nothing is open costs
         one control record. aiokafka has no call to add a partition without sending to it,
         so the transaction manager is told directly (pinned by an integration test).
+
+        Limits: were only some partitions' markers lost while the offsets' marker was
+        written, the abort would drop output whose input counts as done (not seen: the
+        crash lost all of them together; telling the cases apart per partition needs
+        DescribeProducers, which aiokafka lacks). And while an output partition has no
+        leader, the abort's markers wait for it, and so does this producer's next
+        transaction, as any transaction writing there would.
+
+        A failure on the way is raised without an abort (an abort would wait for the same
+        broker, unbounded): `assigned` stops the producers, the worker's next session
+        fences the transaction and the coordinator aborts it.
         """
-        manager = producer._txn_manager
+        manager: Any = getattr(producer, "_txn_manager", None)
+        if not hasattr(manager, "maybe_add_partition_to_txn"):
+            log.warning("this aiokafka cannot add a partition to a transaction; not swept")
+            return
         tps = [
             TopicPartition(topic, p)
             for topic in self._outputs
             for p in sorted(await producer.partitions_for(topic))
         ]
         await producer.begin_transaction()
-        try:
-            for tp in tps:
-                manager.maybe_add_partition_to_txn(tp)
-            # Puts the group's offsets partition in the transaction too: its abort marker
-            # drops any offset the forgotten transaction left pending (this one is aborted).
-            await producer.send_offsets_to_transaction({source: 0}, self._group_id)
-        finally:
-            await producer.abort_transaction()
+        for tp in tps:
+            manager.maybe_add_partition_to_txn(tp)
+        # Puts the group's offsets partition in the transaction too: its abort marker
+        # drops any offset the forgotten transaction left pending (this one is aborted).
+        await producer.send_offsets_to_transaction({source: 0}, self._group_id)
+        await producer.abort_transaction()
         log.debug("%s: swept %d output partitions", manager.transactional_id, len(tps))
 
     async def revoked(self, tps: Collection[TopicPartition]) -> None:
