@@ -18,11 +18,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+SWITCHES = ("TOKENHEAP_DISK_CACHE", "TOKENHEAP_VOCAB_CACHE")
+"""Either set to 0 turns the cache off (the second is the switch's name in earlier releases)."""
+
 
 def cache_file(name: str) -> Path | None:
     """Where the cached form called `name` lives; None when caching is off."""
-    if "0" in (os.environ.get("TOKENHEAP_DISK_CACHE"), os.environ.get("TOKENHEAP_VOCAB_CACHE")):
-        return None  # TOKENHEAP_VOCAB_CACHE: this switch's name in earlier releases
+    if any(os.environ.get(switch) == "0" for switch in SWITCHES):
+        return None
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
     return Path(base) / "tokenheap" / f"{name}.marshal"
 

@@ -15,14 +15,15 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
+from worker import diskcache
 from worker.errors import ConfigError
 from worker.settings import Settings
 
 PREFIX = "TOKENHEAP_"
 SETTINGS_FILE_VAR = "TOKENHEAP_SETTINGS_FILE"
-OTHER_VARS = frozenset({SETTINGS_FILE_VAR, "TOKENHEAP_DISK_CACHE", "TOKENHEAP_VOCAB_CACHE"})
-"""TOKENHEAP_* variables read outside the Settings model (the disk cache is read before
-any settings are: `worker.diskcache`)."""
+OTHER_VARS = frozenset({SETTINGS_FILE_VAR, *diskcache.SWITCHES})
+"""TOKENHEAP_* variables read outside the Settings model (the disk cache's switches are
+read before any settings are)."""
 
 
 def known_variables() -> set[str]:
