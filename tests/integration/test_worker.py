@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import re
+import signal
 import sys
 import threading
 from collections import Counter
@@ -296,10 +297,11 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
 async def test_sigterm_drains_commits_and_restart_reprocesses_nothing(
     kafka_bootstrap: str, make_topics: MakeTopics, tmp_path: Path, delivery: str
 ) -> None:
-    """SIGTERM mid-stream, with requests in flight (Claude requests, counted by a slow local
-    count_tokens stand-in): the worker finishes them, commits exactly what it published (the
-    committed offsets match the results out) and exits 0. The next worker starts there: no
-    request is processed twice, none is lost."""
+    """SIGTERM mid-stream, with requests in flight (Claude requests, whose count_tokens calls
+    the local stand-in holds after the first ten, so the worker surely has some in flight at
+    SIGTERM): the worker finishes them once they are answered, commits exactly what it
+    published (the committed offsets match the results out) and exits 0. The next worker
+    starts there: no request is processed twice, none is lost."""
     names = await kit.make_names(make_topics, partitions=3)
     n = 60
     with support("anthropic_server").AnthropicServer(latency=0.2) as count_api:
@@ -318,12 +320,16 @@ async def test_sigterm_drains_commits_and_restart_reprocesses_nothing(
                 kafka_bootstrap, [names.results], names.partitions, committed_only=True
             ) as r:
                 await first.wait_ready()
+                count_api.hold(after=10)
                 stream = kit.stream(
                     kafka_bootstrap, names.requests, n, partitions=3, pace_s=0.01,
                     model="claude-sonnet-4-5", distinct=True,
                 )  # fmt: skip
-                await r.wait_for(lambda: len(r.on(names.results)) >= 10)
-                assert await first.terminate() == 0, first.log_tail()
+                await r.wait_for(lambda: len(r.on(names.results)) >= 10 and count_api.held > 0)
+                first.proc.send_signal(signal.SIGTERM)
+                await first.wait_log("in-flight")
+                count_api.release()
+                assert await first.wait(60) == 0, first.log_tail()
                 committed = await kit.committed_offsets(kafka_bootstrap, names.group)
                 await asyncio.sleep(1.0)  # anything published late would show up now
                 before = set(r.ids(names.results))

@@ -431,6 +431,14 @@ class WorkerProcess:
         self.proc.send_signal(signal.SIGTERM)
         return await self.wait(timeout_s)
 
+    async def wait_log(self, text: str, timeout_s: float = 30.0) -> None:
+        """Until ``text`` shows up in the log (the process must not exit first)."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log_path.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the log:\n{self.log_tail()}")
+            await asyncio.sleep(0.05)
+
     async def wait(self, timeout_s: float) -> int:
         deadline = time.monotonic() + timeout_s
         while self.proc.poll() is None:

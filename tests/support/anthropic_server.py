@@ -387,6 +387,10 @@ class AnthropicServer:
         self._in_flight = 0
         self.max_in_flight = 0
         self._closing = threading.Event()
+        self._gate = threading.Event()
+        self._gate.set()
+        self._hold_after: int | None = None
+        self._held = 0
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
         self._thread = threading.Thread(
@@ -422,12 +426,33 @@ class AnthropicServer:
             self.max_in_flight = 0
             self.calls = 0
 
+    def hold(self, *, after: int = 0) -> None:
+        """Answer the next ``after`` count_tokens requests as usual, then keep every later one
+        waiting until ``release()``: a test can then know that its client has requests in
+        flight, instead of hoping a latency makes it so."""
+        with self._lock:
+            self._hold_after = self.calls + after
+            self._gate.clear()
+
+    def release(self) -> None:
+        """Let held requests (and later ones) be answered."""
+        with self._lock:
+            self._hold_after = None
+            self._gate.set()
+
+    @property
+    def held(self) -> int:
+        """Requests waiting for ``release()`` right now."""
+        with self._lock:
+            return self._held
+
     def start(self) -> AnthropicServer:
         self._thread.start()
         return self
 
     def close(self) -> None:
         self._closing.set()  # wakes delayed handlers
+        self._gate.set()  # and held ones
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
@@ -440,7 +465,7 @@ class AnthropicServer:
 
     # -- called from handler threads --------------------------------------------------------
 
-    def _receive(self, record: RecordedRequest) -> tuple[Fault | None, str]:
+    def _receive(self, record: RecordedRequest) -> tuple[Fault | None, str, bool]:
         with self._lock:
             fault = self._script.popleft() if self._script else None
             self._requests.append(
@@ -450,7 +475,22 @@ class AnthropicServer:
             if record.path == PATH:
                 self.calls += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
-            return fault, f"req_test_{next(self._ids):06d}"
+            held = (
+                record.path == PATH
+                and self._hold_after is not None
+                and self.calls > self._hold_after
+            )
+            return fault, f"req_test_{next(self._ids):06d}", held
+
+    def _wait_gate(self) -> None:
+        """Block a normal answer that came in under a hold until ``release()``."""
+        with self._lock:
+            self._held += 1
+        try:
+            self._gate.wait()
+        finally:
+            with self._lock:
+                self._held -= 1
 
     def _done(self) -> None:
         with self._lock:
@@ -498,8 +538,12 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         headers = {k.lower(): v for k, v in self.headers.items()}
-        fault, request_id = owner._receive(RecordedRequest(self.command, self.path, headers, body))
+        fault, request_id, held = owner._receive(
+            RecordedRequest(self.command, self.path, headers, body)
+        )
         try:
+            if held and fault is None:
+                owner._wait_gate()
             self._answer(owner, fault, request_id, headers, raw, body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
