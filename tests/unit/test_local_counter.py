@@ -110,6 +110,32 @@ def test_a_large_piece_being_counted_for_one_call_is_not_counted_again(counter: 
     assert local.count([large]) == ([want], 1, 0)
 
 
+def test_fastokens_loads_behind_while_tiktoken_counts_the_same() -> None:
+    pytest.importorskip("fastokens")
+    from worker.engine.engine import Engine
+
+    enc = encoding("o200k_base")
+    with Engine(backend="fastokens") as engine:
+        behind = engine.preload(["o200k_base"], behind=True)
+        assert behind is not None
+        counter = engine.local("o200k_base")
+        first = ["counted before the switch, 🙂 <|endoftext|>"]
+        assert counter.count(first)[0] == [len(enc.encode_ordinary(first[0]))]
+        assert counter.method == "tiktoken:o200k_base" or behind.done()
+        behind.result(timeout=60)
+        assert counter.method == "fastokens:o200k_base"
+        after = ["and after it, by fastokens: 中文 e\u0301 <|endoftext|>"]
+        assert counter.count(after) == ([len(enc.encode_ordinary(after[0]))], 0, 1)
+
+
+def test_nothing_loads_behind_for_tiktoken() -> None:
+    from worker.engine.engine import Engine
+
+    with Engine(backend="tiktoken") as engine:
+        assert engine.preload(["o200k_base"], behind=True) is None
+        assert engine.local("o200k_base").method == "tiktoken:o200k_base"
+
+
 def test_a_counter_told_to_count_here_never_hands_off(counter: Any) -> None:
     """A `fit --jobs` fork has a core to itself: even a large miss is counted on the
     caller's thread, with the same count."""

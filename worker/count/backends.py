@@ -86,8 +86,14 @@ def fastokens_available() -> bool:
     return True
 
 
-def make_backend(enc: tiktoken.Encoding, name: BackendName) -> Backend:
+def resolve_backend(name: BackendName) -> Literal["tiktoken", "fastokens"]:
     """`auto` is fastokens when installed, else tiktoken."""
     if name == "fastokens" or (name == "auto" and fastokens_available()):
+        return "fastokens"
+    return "tiktoken"
+
+
+def make_backend(enc: tiktoken.Encoding, name: BackendName) -> Backend:
+    if resolve_backend(name) == "fastokens":
         return FastokensBackend(enc.name)
     return TiktokenBackend(enc)

@@ -19,6 +19,7 @@ import signal
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -372,8 +373,10 @@ def _clients(
 
 
 async def _warm(engine: Engine) -> None:
-    """Load the local vocabularies before joining the group (seconds each), so the first
-    requests of a ready worker do not wait for them."""
+    """Load the local vocabularies before joining the group, so the first requests of a
+    ready worker do not wait for them. fastokens (about 2 s to load) loads behind: the
+    worker joins counting with tiktoken (exact too, a fifth of the load time) and each
+    vocabulary switches over once loaded."""
     began = time.perf_counter()
     names = sorted(
         {
@@ -382,9 +385,23 @@ async def _warm(engine: Engine) -> None:
             if m.provider == "openai" and m.encoding
         }
     )
-    await asyncio.to_thread(engine.preload, names)
+    behind = await asyncio.to_thread(engine.preload, names, behind=True)
     log.info("vocabularies %s loaded in %.1f s", ", ".join(names), time.perf_counter() - began)
+    if behind is not None:
+        behind.add_done_callback(lambda f: _loaded_behind(f, names, began))
     settle_heap()  # start-up is over: out of the collector's way (worker.runtime)
+
+
+def _loaded_behind(done: Future[None], names: list[str], began: float) -> None:
+    exc = done.exception()
+    if exc is not None:
+        log.warning("fastokens could not be loaded, counting goes on with tiktoken: %r", exc)
+    else:
+        log.info(
+            "fastokens counts %s from now on (%.1f s from start-up)",
+            ", ".join(names),
+            time.perf_counter() - began,
+        )
 
 
 async def _quietly(what: str, step: Awaitable[object], until: float | None = None) -> None:
