@@ -18,9 +18,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from xxhash import xxh3_128_digest
+
+from worker.values import value
 
 # A cached entry costs its key (16-byte digest + namespace ref) and an int, plus the
 # OrderedDict node; 120 bytes is a measured-order-of-magnitude figure, used to bound memory.
@@ -84,7 +85,7 @@ class TextMemo:
         return sum(map(len, self.young)) + sum(map(len, self._old))
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CacheStats:
     hits: int
     """Lookups answered by either tier."""

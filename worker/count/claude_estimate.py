@@ -22,7 +22,6 @@ import math
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from worker.catalog import read_yaml
 from worker.count.cache import CountCache, digest
 from worker.errors import ConfigError
+from worker.values import value
 
 TextCounter = Callable[[Sequence[str]], list[int]]
 """Local token counts of texts, in order (content only, no message framing)."""
@@ -153,7 +153,7 @@ def ctok_text_counter(version: str) -> TextCounter:
 # -- the payload estimate ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class ClaudeEstimate:
     """Local-tokenizer tokens of a payload's texts, and its fixed (unscaled) costs."""
 
@@ -262,7 +262,7 @@ class PayloadEstimator:
 # -- the learned ratio ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class RatioStats:
     """What the learner knows of one family, for telemetry and reports."""
 

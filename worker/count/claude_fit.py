@@ -20,10 +20,10 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from worker.count.claude_estimate import ClaudeEstimate, RatioLearner
+from worker.values import value
 
 P = TypeVar("P")
 Y = TypeVar("Y")
@@ -33,7 +33,7 @@ class FitNotConfirmed(Exception):
     """No allocation could be confirmed under the budget within the rounds allowed."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Confirmed(Generic[P, Y]):
     """The fitted plan, its payload, and the API's count of that payload."""
 
@@ -51,7 +51,7 @@ class Confirmed(Generic[P, Y]):
     """The round that produced the returned payload (1 = the first confirmation)."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class FitPolicy:
     """Knobs of the confirm loop; the defaults meet issue 11's goals in the property tests."""
 

@@ -24,11 +24,11 @@ import math
 import threading
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 from worker.count.claude_estimate import ClaudeEstimate, RatioLearner
 from worker.errors import ConfigError
+from worker.values import value
 
 ClaudeCounting = Literal["api", "local", "audit"]
 ENV = "TOKENHEAP_CLAUDE_COUNTING"
@@ -43,7 +43,7 @@ def counting_mode(env: Mapping[str, str]) -> ClaudeCounting:
     raise ConfigError(f"{ENV}={value!r}: use one of {', '.join(get_args(ClaudeCounting))}")
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class LocalCount:
     tokens: int
     count_method: str
@@ -74,7 +74,7 @@ class AuditSampler:
         return int.from_bytes(payload_digest[:8], "big") < self._threshold
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Drift:
     samples: int
     p50: float

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from worker.catalog import ModelInfo, Profile
 from worker.engine.plan import Policy
 from worker.engine.pricing import affordable_input_tokens
 from worker.engine.request import AssemblyRequest
 from worker.engine.stable_cut import block_for
 from worker.errors import InvalidRequest, OverBudget
+from worker.values import value
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Budget:
     max_context_tokens: int
     output_reserve: int

@@ -14,12 +14,12 @@ sees the other exchanges.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from worker.catalog import ChatFraming
 from worker.engine.bill import Bill
 from worker.engine.layout import Layout
 from worker.engine.plan import Wants
+from worker.values import value
 
 
 def _bills(layout: Layout) -> Iterator[Bill]:
@@ -49,7 +49,7 @@ def pieces(layout: Layout) -> list[str]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Costs:
     """Counted pieces of one layout, and the framing rules that price messages."""
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from worker.engine.request import AssemblyRequest, Turn
 from worker.errors import InvalidRequest, RequestTooLarge
+from worker.values import value
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Limits:
     """Counting cost grows with size (and worse than linearly for long unbroken runs of text),
     so every dimension a producer controls is capped."""
@@ -90,11 +90,11 @@ def _longest(req: AssemblyRequest) -> int:
             lengths.append(len(content))
         else:
             lengths.extend(len(t) for _, t in _texts(content))
-    for value in (req.system, req.query):
-        if isinstance(value, str):
-            lengths.append(len(value))
+    for part in (req.system, req.query):
+        if isinstance(part, str):
+            lengths.append(len(part))
         else:
-            lengths.extend(len(t) for _, t in _texts(value))
+            lengths.extend(len(t) for _, t in _texts(part))
     return max(lengths, default=0)
 
 

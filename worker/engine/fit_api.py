@@ -50,6 +50,7 @@ from worker.engine.report import build_result, error_result
 from worker.engine.result import Alert, CacheUse, CountAudit, FitResult
 from worker.engine.stage import stage
 from worker.errors import CountingUnavailable, OverBudget, TokenheapError
+from worker.values import value
 
 if TYPE_CHECKING:  # the SDK takes over a second to import: only Claude requests pay for it
     from worker.count.claude_confirm import PayloadConfirmer
@@ -141,7 +142,7 @@ class ClaudeCounter:
             self._confirmer = None
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class _Rendered:
     """A payload to confirm; equal when the bodies are (the loop detects repeats)."""
 
@@ -149,7 +150,7 @@ class _Rendered:
     estimate: ClaudeEstimate = field(compare=False)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class _Fit:
     """Everything one request's fit needs, computed once from its local counts."""
 

@@ -9,7 +9,7 @@ Pure: no I/O, no counting.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -17,13 +17,14 @@ from worker.catalog import ModelInfo, Provider, RenderTemplates
 from worker.engine.bill import Bill
 from worker.engine.plan import Plan
 from worker.engine.request import AssemblyRequest, Turn
+from worker.values import value
 
 if TYPE_CHECKING:
     from worker.engine.memo import MessageMemo, Remembered
     from worker.providers.rules import PayloadRules
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Payload:
     """What is sent: the SDK's own shapes, ready for `create(**payload.kwargs())`."""
 
@@ -42,7 +43,7 @@ class Payload:
         return out
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Layout:
     provider: Provider
     system: str
@@ -270,7 +271,7 @@ def _remembered(
     return tuple(messages), tuple(bills)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class _QueryMessage:
     """The query's parts billed like a user message's content (its framing is the final
     user message's, already paid as fixed)."""

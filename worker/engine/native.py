@@ -10,7 +10,6 @@ Pure: no I/O, no counting.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
@@ -25,6 +24,7 @@ from worker.providers import openai as oa
 from worker.providers.base import ImageCheck, parse
 from worker.providers.grouping import Unit, anthropic_units, openai_units
 from worker.providers.rules import PayloadRules
+from worker.values import value
 
 Shape = Literal["openai", "anthropic"]
 
@@ -36,7 +36,7 @@ _AN_PARTS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Native:
     """A request's native parts in the target provider's models."""
 

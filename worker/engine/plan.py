@@ -5,10 +5,10 @@ Pure data: no Kafka, OpenTelemetry, asyncio or I/O here or in `allocate.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
 
 from worker.catalog import SlotName
+from worker.values import value
 
 
 class DropReason(StrEnum):
@@ -27,7 +27,7 @@ class DropReason(StrEnum):
     the kept prefix stays identical to the previous turn's (see `stable_cut.py`)."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Policy:
     """How a budget is split; built from a profile and the request's overrides."""
 
@@ -47,7 +47,7 @@ class Policy:
     kept prefix stays put across turns (None: newest-first greedy, today's trimming)."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Wants:
     """Counted items, in tokens, ready to allocate."""
 
@@ -64,7 +64,7 @@ class Wants:
     """Paid once when at least one chunk is kept (the context header, the query's label)."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Drop:
     slot: SlotName
     index: int
@@ -72,7 +72,7 @@ class Drop:
     reason: DropReason
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Truncation:
     index: int
     """The chunk to cut."""
@@ -80,7 +80,7 @@ class Truncation:
     """Most tokens its rendered unit may take after the cut."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class HistoryCut:
     """Where history was cut and what the next provider cache can expect from it."""
 
@@ -98,7 +98,7 @@ class HistoryCut:
     """History tokens given up for a stable prefix (greedy minus kept, 0 when greedy)."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Plan:
     """The allocation: which items are kept, and why the others are not."""
 

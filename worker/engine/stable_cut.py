@@ -20,11 +20,12 @@ Pure: no I/O, no imports from the rest of the package.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import accumulate
 
+from worker.values import value
 
-@dataclass(frozen=True, slots=True)
+
+@value
 class StableCut:
     """Where history is cut, and what that keeps compared with the greedy cut."""
 

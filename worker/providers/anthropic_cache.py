@@ -20,9 +20,10 @@ Pure: works on block token counts, no payload, no I/O.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Literal
+
+from worker.values import value
 
 CacheTTL = Literal["5m", "1h"]
 Section = Literal["tools", "system", "messages"]
@@ -33,7 +34,7 @@ LOOKBACK_BLOCKS = 20
 _ORDER: dict[Section, int] = {"tools": 0, "system": 1, "messages": 2}
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Block:
     """One content block as sent (a tool definition, a system text block, a message's
     content block), in payload order."""
@@ -46,7 +47,7 @@ class Block:
     """The TTL of a breakpoint the request itself put on this block; None: none there."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Breakpoint:
     index: int
     """Block index carrying `cache_control`."""
@@ -56,7 +57,7 @@ class Breakpoint:
     """Tokens cached by it: everything up to and including its block."""
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Placement:
     breakpoints: tuple[Breakpoint, ...]
     """In payload order."""
