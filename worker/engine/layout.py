@@ -345,12 +345,13 @@ def _excluded(req: AssemblyRequest) -> tuple[str | None, ...]:
     seen: set[str] = set()
     excluded: list[str | None] = []
     for chunk in req.chunks:
-        if not chunk.text.strip():
+        text = chunk.text
+        if not text or text.isspace():  # `not text.strip()` without copying the chunk
             excluded.append("empty")
-        elif chunk.text in seen:
+        elif text in seen:
             excluded.append("duplicate")
         else:
-            seen.add(chunk.text)
+            seen.add(text)
             excluded.append(None)
     return tuple(excluded)
 
