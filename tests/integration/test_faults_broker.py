@@ -207,10 +207,7 @@ async def test_a_worker_started_before_the_broker_waits_live_and_not_ready(
     settings = _settings(broker, names, count_api, kafka_startup_timeout_s=120.0)
     worker = kit.WorkerProcess(settings, tmp_path / "worker.log")
     try:
-        async with asyncio.timeout(60):
-            while "waiting for Kafka at" not in worker.log_path.read_text():
-                assert worker.proc.poll() is None, worker.log_tail()
-                await asyncio.sleep(0.2)
+        await worker.wait_log("waiting for Kafka at", 60)
         assert await kit.http_status(settings.health_port, "/livez") == 200
         assert await kit.http_status(settings.health_port, "/readyz") == 503
         await _revive(broker)
