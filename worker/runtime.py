@@ -23,8 +23,14 @@ def settle_heap() -> None:
     """Freeze everything allocated so far and make young-generation passes rarer.
 
     Idempotent; call after start-up (and before forking), not per request.
+
+    Only the young generations are collected first. A full collection here walks the whole
+    start-up heap and finds next to nothing to free: measured, 19 ms and no object in
+    `fit` (~6% of its start-up), 150 ms and 20 objects in the worker. Freezing keeps those
+    few start-up cycles alive for good, a one-off cost bounded by start-up itself; cycles
+    made later are collected as ever.
     """
-    gc.collect()
+    gc.collect(1)
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, older, oldest)

@@ -37,3 +37,16 @@ def test_settle_heap_freezes_start_up_and_still_collects_cycles() -> None:
     del a, b
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.usefixtures("restore_gc")
+def test_settle_heap_collects_the_young_cycles_of_start_up_before_freezing() -> None:
+    """Garbage start-up just made is freed, not frozen for good (only the older
+    generations are left uncollected, see settle_heap)."""
+    gc.collect()
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a
+    gone = weakref.ref(a)
+    del a, b
+    settle_heap()
+    assert gone() is None
