@@ -59,7 +59,9 @@ def test_rendered_units_add_up(
 
 turns = st.lists(
     st.tuples(
-        st.sampled_from(["user", "assistant", "tool"]),
+        # no `tool`: a plain history cannot hold the call a tool turn answers, so it is
+        # refused (test_orphan_tool_turn_is_refused); tool use is covered by native tests
+        st.sampled_from(["user", "assistant", "system", "developer"]),
         texts,
         st.one_of(st.none(), st.sampled_from(["alice", "bob_2"])),
     ),
@@ -86,7 +88,6 @@ def _request(
                 "role": r,
                 "content": c,
                 **({"name": n} if n else {}),
-                **({"tool_call_id": "call_1"} if r == "tool" else {}),
             }
             for r, c, n in turn_list
         ],

@@ -205,3 +205,68 @@ async def test_async_fit_matches_batch_fit(engine: Engine, make_request: MakeReq
     [batch] = [r async for r in engine.fit_many([req])]
     assert one.messages == batch.messages
     assert one.usage == batch.usage
+
+
+def test_a_window_over_the_models_is_fitted_to_the_model_and_said(
+    engine: Engine, make_request: MakeRequest
+) -> None:
+    """`budget.max_context_tokens` can lower the model's window, never raise it: a payload
+    fitted to a larger one would be refused by the provider."""
+    window = engine.catalog.model("gpt-4o").context_window
+    chunks = [{"id": f"c{i}", "text": "word " * 20_000} for i in range(3)]  # ~60k tokens each
+    [asked, plain] = engine.fit_many_sync(
+        [
+            make_request(chunks=chunks, budget={"max_context_tokens": 10 * window}),
+            make_request(chunks=chunks),
+        ]
+    )
+    assert asked.usage is not None and plain.usage is not None
+    assert asked.usage.max_context_tokens == window
+    assert asked.usage.total_tokens <= asked.usage.budget_tokens < window
+    assert asked.usage.model_dump() == plain.usage.model_dump()
+    assert [d.id for d in asked.dropped] == [d.id for d in plain.dropped] != []
+    [alert] = [a for a in asked.alerts if a.type == "window_capped"]
+    assert alert.value == 10 * window and alert.threshold == window
+    assert not any(a.type == "window_capped" for a in plain.alerts)
+    [lower] = engine.fit_many_sync([make_request(budget={"max_context_tokens": 5000})])
+    assert lower.usage is not None and lower.usage.max_context_tokens == 5000
+    assert not any(a.type == "window_capped" for a in lower.alerts)
+
+
+@pytest.mark.parametrize("bad", [True, 8192.5, "8192"])
+def test_budget_numbers_are_numbers(make_request: MakeRequest, bad: object) -> None:
+    """JSON `true` is not a window of 1 token, nor a string or a fraction a token count."""
+    with pytest.raises(ValueError, match="max_context_tokens"):
+        make_request(budget={"max_context_tokens": bad})
+    with pytest.raises(ValueError, match="output_reserve"):
+        make_request(budget={"output_reserve": bad})
+
+
+def test_orphan_tool_turn_is_refused(engine: Engine, make_request: MakeRequest) -> None:
+    """A plain history has no `tool_calls`, so a plain `tool` turn answers no call: OpenAI
+    would refuse the payload, so the request is refused, with the turn's path."""
+    req = make_request(
+        history=[
+            {"role": "user", "content": "hi"},
+            {"role": "tool", "tool_call_id": "t1", "content": "x"},
+        ]
+    )
+    [result] = engine.fit_many_sync([req])
+    assert result.error is not None and result.error.code == "invalid_request"
+    assert "history[1].tool_call_id" in result.error.message
+    answered = make_request(
+        history=[
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "t1", "content": "x"},
+        ]
+    )
+    [ok] = engine.fit_many_sync([answered])
+    assert ok.status == "ok"
+    assert [m.model_dump(exclude_none=True)["role"] for m in ok.messages][-2] == "tool"

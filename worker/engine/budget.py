@@ -20,11 +20,21 @@ class Budget:
     nor past what `max_input_cost` pays for."""
     cost_cap_tokens: int | None = None
     """Input tokens `budget.max_input_cost` pays for at the uncached rate (None: no cap)."""
+    asked_window: int | None = None
+    """`budget.max_context_tokens` when it was over the model's window and so not used."""
 
 
 def budget_for(req: AssemblyRequest, info: ModelInfo, profile: Profile) -> Budget:
     spec = req.budget
-    window = spec.max_context_tokens or info.context_window
+    window = info.context_window
+    asked = None
+    if spec.max_context_tokens is not None:
+        # The caller's cap can only lower the model's window: a payload fitted to a larger
+        # one would be refused by the provider. Fitted to the window and said (an alert).
+        if spec.max_context_tokens > window:
+            asked = spec.max_context_tokens
+        else:
+            window = spec.max_context_tokens
     if spec.output_reserve is not None:
         reserve = spec.output_reserve
     else:
@@ -46,7 +56,7 @@ def budget_for(req: AssemblyRequest, info: ModelInfo, profile: Profile) -> Budge
         # nothing assumed cached: the cap holds even when the provider's cache misses
         cap = affordable_input_tokens(info.prices, spec.max_input_cost)
         usable = min(usable, cap)
-    return Budget(window, reserve, usable, cap)
+    return Budget(window, reserve, usable, cap, asked)
 
 
 def policy_for(req: AssemblyRequest, profile: Profile, budget: Budget) -> Policy:

@@ -283,10 +283,13 @@ class _QueryMessage:
 def is_legacy(req: AssemblyRequest, provider: Provider) -> bool:
     """The original plain-text contract: passed through as before, exact as before. For
     Claude only user and assistant turns: a plain `system` or `tool` turn is read as the
-    OpenAI message it is and converted, not flattened into a labelled user turn."""
+    OpenAI message it is and converted, not flattened into a labelled user turn. A `tool`
+    turn goes the native way for OpenAI too: only there is it checked against the call it
+    answers (a plain history has no `tool_calls`, so the provider would refuse it)."""
     return (
         all(
-            isinstance(t, Turn) and (provider == "openai" or t.role in ("user", "assistant"))
+            isinstance(t, Turn)
+            and (t.role in ("user", "assistant") or (provider == "openai" and t.role != "tool"))
             for t in req.history
         )
         and isinstance(req.system, str)

@@ -158,7 +158,8 @@ def _dropped(p: Prepared, plan: Plan, costs: Costs) -> list[DroppedItem]:
 def request_alerts(
     p: Prepared, usage: Usage, dropped: list[DroppedItem], plan: Plan
 ) -> list[Alert]:
-    """Per-request alerts: high utilization, the best chunk lost, history cut short."""
+    """Per-request alerts: high utilization, the best chunk lost, history cut short, a
+    window asked for over the model's."""
     alerts: list[Alert] = []
     threshold = alert_threshold(p.req, p.profile)
     if usage.utilization >= threshold:
@@ -188,6 +189,17 @@ def request_alerts(
                 message=f"{kept} of {groups} exchanges kept, profile wants {floor}",
                 value=kept,
                 threshold=floor,
+            )
+        )
+    if p.budget.asked_window is not None:
+        alerts.append(
+            Alert(
+                type="window_capped",
+                message=f"budget.max_context_tokens {p.budget.asked_window} is over "
+                f"{p.req.model}'s {p.budget.max_context_tokens}-token context window; "
+                f"fitted to {p.budget.max_context_tokens}",
+                value=p.budget.asked_window,
+                threshold=p.budget.max_context_tokens,
             )
         )
     share = system_share(p.req, p.profile)

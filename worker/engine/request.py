@@ -62,9 +62,11 @@ class SlotOverrides(_Strict):
 
 
 class BudgetSpec(_Strict):
-    max_context_tokens: Annotated[int, Field(gt=0)] | None = None
-    """Defaults to the model's context window from config/models.yaml."""
-    output_reserve: Annotated[int, Field(ge=0)] | None = None
+    # strict: JSON `true` is not the number 1, nor 8192.5 a window
+    max_context_tokens: Annotated[int, Field(gt=0, strict=True)] | None = None
+    """At most the model's context window from config/models.yaml, its default; a larger
+    value is fitted to the window, with a `window_capped` alert."""
+    output_reserve: Annotated[int, Field(ge=0, strict=True)] | None = None
     """Tokens kept free for the reply; defaults to the profile's output share."""
     profile: str = "rag-chatbot"
     slots: SlotOverrides | None = None
