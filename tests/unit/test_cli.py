@@ -60,6 +60,8 @@ def test_fit_jsonl_keeps_input_order_and_reports_bad_lines(tmp_path: Path) -> No
         "retriable": True,
         "message": out[5]["error"]["message"],
     }
+    # what to set, in the names a user sets
+    assert "TOKENHEAP_ON_COUNT_UNAVAILABLE=estimate" in out[5]["error"]["message"]
 
 
 def test_fit_reads_stdin_and_estimates_claude_when_told_to() -> None:
@@ -69,7 +71,8 @@ def test_fit_reads_stdin_and_estimates_claude_when_told_to() -> None:
     result = json.loads(proc.stdout)
     assert result["exact"] is False
     assert result["count_method"].startswith("estimate:")
-    assert any(a["type"] == "estimated_count" for a in result["alerts"])
+    [alert] = [a for a in result["alerts"] if a["type"] == "estimated_count"]
+    assert alert["message"].startswith("no count API is configured")  # none was called
 
 
 def test_fit_table_shows_bars_drops_and_alerts(tmp_path: Path) -> None:

@@ -275,10 +275,12 @@ async def fit(p: Prepared, claude: ClaudeCounter, local: LocalCounter) -> FitRes
             return await _fit_audited(f, claude)
         confirmer = claude.confirmer
         if confirmer is None:
+            # The settings' names, as a user sets them (the Python API's own are
+            # `Engine(claude_counting=..., on_unavailable=...)`).
             raise CountingUnavailable(
                 "no Anthropic client configured: set ANTHROPIC_API_KEY (or "
-                "TOKENHEAP_ANTHROPIC_BASE_URL), TOKENHEAP_CLAUDE_COUNTING=local, or "
-                "on_unavailable=estimate"
+                "TOKENHEAP_ANTHROPIC_BASE_URL) for exact counts, or count locally: "
+                "TOKENHEAP_CLAUDE_COUNTING=local, or TOKENHEAP_ON_COUNT_UNAVAILABLE=estimate"
             )
         return await claude.calibrated(f.family, lambda: _fit_confirmed(f, claude, confirmer))
     except CountingUnavailable as exc:
@@ -288,11 +290,16 @@ async def fit(p: Prepared, claude: ClaudeCounter, local: LocalCounter) -> FitRes
             result = _fit_local(f, claude, prefix="estimate:")
         except TokenheapError as inner:
             return error_result(p.req.request_id, p.req.model, inner, p.req)
+        why = (
+            "no count API is configured"
+            if claude.confirmer is None and claude.mode == "api"
+            else "the count API did not answer"
+        )
         result.alerts.append(
             Alert(
                 type="estimated_count",
                 severity="warning",
-                message="the count API did not answer; counts are a local estimate with a margin",
+                message=f"{why}; counts are a local estimate with a margin",
             )
         )
         return result
