@@ -51,8 +51,7 @@ def _check_roles(req: AssemblyRequest) -> None:
     for i, turn in enumerate(req.history):
         if isinstance(turn, dict) and turn.get("role") not in _ROLES:
             raise InvalidRequest(
-                f"invalid request: history.{i}.role: Input should be one of "
-                f"{', '.join(sorted(_ROLES))}"
+                f"history[{i}].role: Input should be one of {', '.join(sorted(_ROLES))}"
             )
 
 
@@ -132,8 +131,16 @@ def _summarise(exc: ValidationError) -> str:
     """Field paths and pydantic's reason, never the offending values (they may be prompt text)."""
     parts = []
     for err in exc.errors(include_url=False, include_input=False)[:5]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        parts.append(f"{loc}: {err['msg']}")
+        parts.append(f"{_path(err['loc'])}: {err['msg']}")
     more = exc.error_count() - len(parts)
     suffix = f" (+{more} more)" if more > 0 else ""
-    return "invalid request: " + "; ".join(parts) + suffix
+    return "; ".join(parts) + suffix
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """`history[0].role`: the form the provider rules name a refused part in, so every
+    invalid_request message points at its field the same way."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or "<root>"
