@@ -54,3 +54,14 @@ def test_a_pretty_printed_document_is_one_entry(
     texts, document = read(tmp_path, "in.json", json.dumps(doc, indent=indent))
     assert len(texts) == 1 and json.loads(texts[0]) == doc
     assert document or "\n" not in json.dumps(doc, indent=indent).strip()
+
+
+@hsettings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=docs, indent=st.integers(1, 4), cut=st.integers(1, 40))
+def test_a_broken_pretty_printed_document_is_still_one_entry(
+    tmp_path: Path, doc: dict[str, object], indent: int, cut: int
+) -> None:
+    text = json.dumps(doc, indent=indent)
+    broken = text[: max(2, len(text) - cut)]  # cut short: it does not parse
+    texts, document = read(tmp_path, "in.json", broken)
+    assert document and texts == [broken]  # one error result to come, not one per line

@@ -168,3 +168,69 @@ def test_version_and_help_on_every_command() -> None:
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
     assert "exit codes" in run("--help").stdout
+
+
+def test_a_broken_pretty_document_is_one_error_at_its_own_position(tmp_path: Path) -> None:
+    lines = json.dumps(EXAMPLE, indent=2).splitlines()
+    lines[-2] += ","  # a trailing comma before the closing brace
+    src = tmp_path / "req.json"
+    src.write_text("\n" + "\n".join(lines) + "\n", encoding="utf-8")  # a blank line first
+    proc = run("fit", str(src))
+    assert proc.returncode == 1, proc.stderr
+    (result,) = [json.loads(proc.stdout)]  # one result, pretty, not one per line
+    assert result["error"]["code"] == "invalid_request"
+    # the closing brace after the comma, counted in the file (the blank line included)
+    assert f"trailing comma at line {len(lines) + 1} column 1" in result["error"]["message"]
+
+
+def test_a_jsonl_whose_first_line_is_broken_still_gets_one_error_per_line(
+    tmp_path: Path,
+) -> None:
+    good = json.dumps(dict(EXAMPLE, request_id="b"))
+    src = tmp_path / "batch.jsonl"
+    src.write_text('{"request_id": "a", "model": "gpt-4o"\n' + good + "\n{oops}\n", "utf-8")
+    proc = run("fit", str(src))
+    assert proc.returncode == 1, proc.stderr
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [o["status"] for o in out] == ["error", "ok", "error"]
+
+
+@pytest.mark.parametrize("jobs", [[], ["--jobs", "2"]], ids=["one", "jobs"])
+@pytest.mark.parametrize("name", ["req.json", "batch.jsonl"])
+def test_a_byte_order_mark_is_skipped(tmp_path: Path, name: str, jobs: list[str]) -> None:
+    if name.endswith(".jsonl"):
+        text = "".join(json.dumps(dict(EXAMPLE, request_id=f"r{i}")) + "\n" for i in range(4))
+    else:
+        text = json.dumps(EXAMPLE, indent=2)
+    src = tmp_path / name
+    src.write_text(text, encoding="utf-8-sig")
+    assert src.read_bytes().startswith(b"\xef\xbb\xbf")
+    proc = run("fit", *jobs, str(src))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run("fit", "-", stdin="\ufeff" + text)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "name"),
+    [
+        (["empty.json"], None, "empty.json"),
+        (["blank.jsonl"], None, "blank.jsonl"),
+        (["/dev/null"], None, "/dev/null"),
+        (["-"], "", "stdin"),
+        (["-"], "\n  \n", "stdin"),
+    ],
+    ids=["empty", "blank", "dev-null", "stdin", "stdin-blank"],
+)
+def test_an_input_without_requests_is_a_usage_error(
+    tmp_path: Path, args: list[str], stdin: str | None, name: str
+) -> None:
+    (tmp_path / "empty.json").write_text("", encoding="utf-8")
+    (tmp_path / "blank.jsonl").write_text("\n \n\t\n", encoding="utf-8")
+    paths = [a if a in ("-", "/dev/null") else str(tmp_path / a) for a in args]
+    proc = run("fit", *paths, stdin=stdin)
+    assert proc.returncode == 2
+    no_traceback(proc)
+    shown = name if name in ("stdin", "/dev/null") else str(tmp_path / name)
+    assert proc.stderr.strip() == f"tokenheap: {shown} holds no requests"
+    assert proc.stdout == ""

@@ -29,12 +29,14 @@ from worker.engine.engine import Engine
         max_size=12,
     ),
     trailing=st.booleans(),
+    bom=st.booleans(),
     jobs=st.integers(1, 5),
 )
 def test_ranges_cover_the_file_at_line_starts(
-    tmp_path_factory: object, lines: list[bytes], trailing: bool, jobs: int
+    tmp_path_factory: object, lines: list[bytes], trailing: bool, bom: bool, jobs: int
 ) -> None:
     body = b"\n".join(lines) + (b"\n" if trailing and lines else b"")
+    body = (b"\xef\xbb\xbf" if bom else b"") + body
     path = Path(str(tmp_path_factory.mktemp("ranges"))) / "f.jsonl"  # type: ignore[attr-defined]
     path.write_bytes(body)
     ranges = line_ranges(str(path), jobs)
@@ -52,8 +54,9 @@ def test_ranges_cover_the_file_at_line_starts(
             got += [s.encode("utf-8") for s in range_lines(str(path), start, end, lambda n: None)]
         except UnicodeDecodeError:
             return  # random bytes: reported as not UTF-8 by the CLI (tested below)
-    assert b"".join(got) == body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    with path.open(encoding="utf-8") as f:  # the sequential path's reading
+    text = body.removeprefix(b"\xef\xbb\xbf")  # a byte order mark is skipped, as in the CLI
+    assert b"".join(got) == text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    with path.open(encoding="utf-8-sig") as f:  # the sequential path's reading
         assert got == [line.encode("utf-8") for line in f]
 
 

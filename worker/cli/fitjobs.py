@@ -62,8 +62,9 @@ def line_ranges(path: str, jobs: int) -> list[tuple[int, int]]:
 
 
 def range_lines(path: str, start: int, end: int, done: Callable[[int], None]) -> Iterator[str]:
-    """The lines of one range as the sequential path reads them (universal newlines;
-    UnicodeDecodeError if it is not UTF-8); `done` is told the bytes read so far."""
+    """The lines of one range as the sequential path reads them (universal newlines, no
+    byte order mark; UnicodeDecodeError if it is not UTF-8); `done` is told the bytes read
+    so far."""
     with open(path, "rb") as f:
         f.seek(start)
         at = start
@@ -71,12 +72,13 @@ def range_lines(path: str, start: int, end: int, done: Callable[[int], None]) ->
             raw = f.readline(end - at)
             if not raw:
                 return
+            # utf-8-sig only skips a mark at the start of what it decodes: the file's start
+            text = raw.decode("utf-8-sig" if at == 0 else "utf-8")
             at += len(raw)
             done(at - start)
-            text = raw.decode("utf-8")
             if "\r" in text:  # read as text mode does: a bare CR ends a line too
                 yield from io.StringIO(text, newline=None)
-            else:
+            elif text:  # empty only for a file that is a byte order mark alone
                 yield text
 
 

@@ -3,8 +3,12 @@
 A pretty-printed document piped on stdin used to be read line by line (21 lines, 21
 `invalid_request` results); a `.ndjson` file was read as one document. The rule now: when
 the first non-blank line is a JSON value on its own, the input is JSON lines (streamed);
-otherwise it is one document. A document that does not parse falls back to lines, so a
-JSONL whose first line is broken still gets one error per bad line, not one in all.
+otherwise it is one document. A document that does not parse is still one document (one
+error, with the parse error's line and column in it) when its first line goes on to the
+next (it ends in `{`, `[`, `,` or `:`, which no whole JSON value does: a pretty-printed
+`{` alone, say); otherwise it falls back to lines, so a JSONL whose first line is broken
+still gets one error per bad line, not one in all. A UTF-8 byte order mark (as Windows
+editors write) is skipped; an input with no request at all is a usage error.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from typing import TextIO
 
 from worker.errors import ConfigError
 
+BOM = "\ufeff"
+"""The byte order mark some editors (Windows Notepad) put before UTF-8 text: not JSON."""
+
 
 class InputError(ConfigError):
-    """The input itself cannot be read (missing, a directory, not text): a usage error."""
+    """The input itself cannot be read (missing, a directory, not text, empty): a usage error."""
 
     code = "bad_input"
 
@@ -38,8 +45,7 @@ class Requests:
     """The first request's text (also the first of `texts`), for a look ahead at its model."""
 
     def close(self) -> None:
-        if self.stream is not sys.stdin:
-            self.stream.close()
+        _close(self.stream)
 
 
 def open_source(source: str) -> TextIO:
@@ -59,29 +65,53 @@ def open_source(source: str) -> TextIO:
 
 
 def read_requests(source: str) -> Requests:
-    """Open and classify; texts are streamed for JSON lines (stdin included)."""
+    """Open and classify; texts are streamed for JSON lines (stdin included). InputError
+    for an input with no request in it: fitting nothing is a mistake (a wrong file, an
+    empty pipe), not a success to report with silence and exit 0."""
     stream = open_source(source)
     name = "stdin" if source == "-" else source
+    first = ""
+    skipped = 0  # blank lines before the first: a broken document's positions count them
     try:
-        first = ""
-        for line in stream:
+        lines = iter(stream)
+        head = next(lines, "").removeprefix(BOM)
+        for line in chain([head], lines):
             if line.strip():
                 first = line
                 break
+            skipped += 1
         if not first:
-            return Requests(iter(()), document=False, stream=stream, name=name)
+            _close(stream)
+            raise InputError(f"{name} holds no requests")
         if _parses(first):
-            lines = (line for line in chain([first], stream) if line.strip())
-            return Requests(lines, document=False, stream=stream, name=name, first=first)
-        whole = first + stream.read()
+            texts = (line for line in chain([first], lines) if line.strip())
+            return Requests(texts, document=False, stream=stream, name=name, first=first)
+        body = first + stream.read()
     except UnicodeDecodeError as exc:
-        stream.close() if stream is not sys.stdin else None
+        _close(stream)
         raise not_text(name, exc) from None
-    if _parses(whole) or whole.count("\n") <= 1:
-        text = whole.replace("\n", " ")
+    if _parses(body):
+        text = body.replace("\n", " ")
         return Requests(iter([text]), document=True, stream=stream, name=name, first=text)
-    lines = (line for line in whole.splitlines() if line.strip())
-    return Requests(lines, document=False, stream=stream, name=name, first=first)
+    if body.count("\n") <= 1 or _goes_on(first):
+        # One broken document: its line breaks kept, so that the parse error's line and
+        # column are the document's (the skipped blank lines put back for the count).
+        text = "\n" * skipped + body
+        return Requests(iter([text]), document=True, stream=stream, name=name, first=text)
+    texts = (line for line in body.splitlines() if line.strip())
+    return Requests(texts, document=False, stream=stream, name=name, first=first)
+
+
+def _goes_on(line: str) -> bool:
+    """Whether a line that does not parse on its own can only be the start of a document
+    laid out on several lines: a whole JSON value (a JSON line, even a broken one, is
+    meant to be one) never ends in an opening bracket, a comma or a colon."""
+    return line.rstrip().endswith(("{", "[", ",", ":"))
+
+
+def _close(stream: TextIO) -> None:
+    if stream is not sys.stdin:
+        stream.close()
 
 
 def not_text(name: str, exc: UnicodeDecodeError) -> InputError:
