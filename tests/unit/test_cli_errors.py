@@ -234,3 +234,18 @@ def test_an_input_without_requests_is_a_usage_error(
     shown = name if name in ("stdin", "/dev/null") else str(tmp_path / name)
     assert proc.stderr.strip() == f"tokenheap: {shown} holds no requests"
     assert proc.stdout == ""
+
+
+def test_the_output_form_follows_the_content_not_the_name(tmp_path: Path) -> None:
+    text = "".join(json.dumps(dict(EXAMPLE, request_id=f"r{i}")) + "\n" for i in range(3))
+    src = tmp_path / "batch.json"  # JSON lines under a .json name
+    src.write_text(text, encoding="utf-8")
+    named, piped = run("fit", str(src)), run("fit", "-", stdin=text)
+    assert named.returncode == piped.returncode == 0, named.stderr
+    assert named.stdout == piped.stdout
+    ids = [json.loads(line)["request_id"] for line in named.stdout.splitlines()]
+    assert ids == ["r0", "r1", "r2"]  # one result per line, not indented
+    pretty = tmp_path / "one.jsonl"  # and one document under a JSON lines name
+    pretty.write_text(json.dumps(EXAMPLE, indent=2), encoding="utf-8")
+    proc = run("fit", str(pretty))
+    assert proc.returncode == 0 and proc.stdout.startswith("{\n  "), proc.stdout[:80]

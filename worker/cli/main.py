@@ -325,7 +325,7 @@ def _fit_requests(
         backend = "tiktoken"  # a short-lived process: load time beats counting speed
     limits = limits_of(settings)
     out = sys.stdout
-    pretty = requests.document or source.endswith(".json")
+    pretty = requests.document  # by content, as the input was read: `fit - <f` prints the same
     if not requests.document and source != "-":
         if jobs == 0:
             big = os.path.getsize(source) > PARALLEL_MIN_BYTES
