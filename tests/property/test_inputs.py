@@ -30,7 +30,8 @@ def read(tmp: Path, name: str, text: str) -> tuple[list[str], bool]:
     path.write_text(text, encoding="utf-8")
     requests = read_requests(str(path))
     try:
-        return list(requests.texts), requests.document
+        # JSON lines keep their blank lines, numbering the rest; `fit` and `send` skip them
+        return [t for t in requests.texts if t.strip()], requests.document
     finally:
         requests.close()
 

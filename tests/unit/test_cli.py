@@ -53,8 +53,12 @@ def test_fit_jsonl_keeps_input_order_and_reports_bad_lines(tmp_path: Path) -> No
     assert proc.returncode == 1, proc.stderr  # some error results
     out = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [o["request_id"] for o in out] == ["r0", "r1", "", "r2", "r99", "r7", "r3", "r4"]
-    assert out[2]["error"]["code"] == "invalid_request"
-    assert "surprise" in out[4]["error"]["message"]
+    assert out[2]["error"] == {
+        "code": "invalid_request",
+        "message": "line 3: invalid JSON: key must be a string at column 2",  # of line 3
+        "retriable": False,
+    }
+    assert out[4]["error"]["message"].startswith("line 5: invalid request: surprise")
     assert out[5]["error"] == {
         "code": "counting_unavailable",
         "retriable": True,

@@ -249,3 +249,13 @@ def test_the_output_form_follows_the_content_not_the_name(tmp_path: Path) -> Non
     pretty.write_text(json.dumps(EXAMPLE, indent=2), encoding="utf-8")
     proc = run("fit", str(pretty))
     assert proc.returncode == 0 and proc.stdout.startswith("{\n  "), proc.stdout[:80]
+
+
+def test_a_bad_json_line_on_stdin_names_its_line_counting_blank_ones() -> None:
+    good = json.dumps(EXAMPLE)
+    proc = run("fit", "-", stdin="\n\n" + good + "\n\n" + good[:30] + "\n")
+    assert proc.returncode == 1, proc.stderr
+    ok, bad = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert ok["status"] == "ok"
+    want = "line 5: invalid JSON: EOF while parsing a string at column 30"  # not "line 2"
+    assert bad["error"]["message"] == want

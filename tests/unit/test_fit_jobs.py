@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tests.unit.test_cli import ROOT, _req, run
 from worker.catalog import Catalog
-from worker.cli.fitjobs import line_ranges, range_lines
+from worker.cli.fitjobs import line_ranges, lines_before, range_lines
 from worker.engine.decode import Limits
 from worker.engine.engine import Engine
 
@@ -48,6 +48,9 @@ def test_ranges_cover_the_file_at_line_starts(
         assert start <= end
         # never inside a line (an empty range may sit at the end of the file)
         assert start in (0, len(body)) or body[start - 1 : start] == b"\n"
+    for start, _ in ranges:  # where a range's error results number their lines from
+        head = body[:start].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        assert lines_before(str(path), start) == head.count(b"\n")
     got: list[bytes] = []
     for start, end in ranges:
         try:
@@ -78,6 +81,31 @@ def test_a_bad_line_in_a_later_range_gets_its_error_result_in_place(tmp_path: Pa
     assert [d["request_id"] for d in docs] == ids
     assert [d["status"] for d in docs].count("error") == 1
     assert docs[31]["status"] == "error" and docs[31]["error"]["code"] == "invalid_request"
+
+
+def test_line_numbers_count_a_line_break_split_between_blocks(tmp_path: Path) -> None:
+    src = tmp_path / "long.jsonl"
+    src.write_bytes(b"x" * ((1 << 20) - 1) + b"\r\n" + b"y\r" + b"z\n")  # \r | \n at 1 MiB
+    assert lines_before(str(src), src.stat().st_size) == 3
+
+
+def test_bad_lines_in_every_range_name_their_input_lines(tmp_path: Path) -> None:
+    cut = '{"request_id": "r44", "model": "gpt-4o"'
+    lines: list[str | bytes] = [json.dumps(_req(i)) for i in range(60)]
+    lines[5] = ""
+    lines[12] = json.dumps(_req(12, surprise=1))
+    lines[20] = b"  \r"  # a blank line ending in CR LF (with the \n _write adds)
+    lines[44] = cut
+    src = _write(tmp_path, lines)
+    want = [
+        "line 13: invalid request: surprise: Extra inputs are not permitted",
+        f"line 45: invalid JSON: EOF while parsing an object at column {len(cut)}",
+    ]
+    for jobs in ("1", "2", "3"):  # the bad lines in the first range, in later ones
+        proc = run("fit", "--jobs", jobs, str(src))
+        assert proc.returncode == 1, proc.stderr
+        docs = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [d["error"]["message"] for d in docs if d["status"] != "ok"] == want, jobs
 
 
 def test_non_utf8_in_a_later_range_is_a_one_line_usage_error(tmp_path: Path) -> None:

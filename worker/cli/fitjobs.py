@@ -15,6 +15,7 @@ child.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import mmap
 import multiprocessing
@@ -80,6 +81,21 @@ def range_lines(path: str, start: int, end: int, done: Callable[[int], None]) ->
                 yield from io.StringIO(text, newline=None)
             elif text:  # empty only for a file that is a byte order mark alone
                 yield text
+
+
+def lines_before(path: str, at: int) -> int:
+    """The lines of the file before byte `at` (a line start), as text mode counts them:
+    `\r\n`, a bare `\r` and `\n` each end one. Read in blocks: `at` may be gigabytes."""
+    lines = 0
+    cr = False  # the block before ended in \r: a \n starting this one ends the same line
+    with open(path, "rb") as f:
+        while at > 0 and (block := f.read(min(at, 1 << 20))):
+            at -= len(block)
+            lines += block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+            if cr and block.startswith(b"\n"):
+                lines -= 1
+            cr = block.endswith(b"\r")
+    return lines
 
 
 def fit_ranges(
@@ -167,6 +183,8 @@ def _child(
         done[k] = n
 
     engine.count_here()  # one fork per core: counting threads would only compete with it
+    # counted only for a line that fails, so a file without errors is read once
+    first_line = functools.cache(lambda: lines_before(path, start) + 1)
 
     sink: IO[str]
     if isinstance(sink_to, io.TextIOBase):  # the first range: the output itself
@@ -177,7 +195,8 @@ def _child(
 
     async def run() -> None:
         nonlocal failed
-        async for result in fit_lines(engine, range_lines(path, start, end, advance), limits):
+        lines = range_lines(path, start, end, advance)
+        async for result in fit_lines(engine, lines, limits, first_line):
             failed += result.status != "ok"
             sink.write(fmt(result))
         await engine.aclose()

@@ -38,11 +38,15 @@ class Requests:
     """What was read: request texts (one per entry), and whether it was one document."""
 
     texts: Iterator[str]
+    """JSON lines: the input's lines from the first request on, blank ones included (to be
+    skipped) so that each text's place numbers its line; a document: its one text."""
     document: bool
     stream: TextIO
     name: str
     first: str = ""
     """The first request's text (also the first of `texts`), for a look ahead at its model."""
+    first_line: int = 0
+    """JSON lines: the input line `texts` start on, for an error result to name its line."""
 
     def close(self) -> None:
         _close(self.stream)
@@ -84,8 +88,8 @@ def read_requests(source: str) -> Requests:
             _close(stream)
             raise InputError(f"{name} holds no requests")
         if _parses(first):
-            texts = (line for line in chain([first], lines) if line.strip())
-            return Requests(texts, document=False, stream=stream, name=name, first=first)
+            texts: Iterator[str] = chain([first], lines)
+            return Requests(texts, False, stream, name, first=first, first_line=skipped + 1)
         body = first + stream.read()
     except UnicodeDecodeError as exc:
         _close(stream)
@@ -98,8 +102,10 @@ def read_requests(source: str) -> Requests:
         # column are the document's (the skipped blank lines put back for the count).
         text = "\n" * skipped + body
         return Requests(iter([text]), document=True, stream=stream, name=name, first=text)
-    texts = (line for line in body.splitlines() if line.strip())
-    return Requests(texts, document=False, stream=stream, name=name, first=first)
+    # split as the stream iterates (text mode has made every line end a \n): splitlines()
+    # would also cut at U+2028 and the like, which JSON strings may hold as they are
+    texts = iter(body.split("\n"))
+    return Requests(texts, False, stream, name, first=first, first_line=skipped + 1)
 
 
 def _goes_on(line: str) -> bool:

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -231,7 +231,7 @@ def _send(settings: Settings, source: str, timeout_s: float, table: bool) -> int
     view = table_view(load_catalog(settings.config_dir)) if table else None
     requests = read_requests(source)
     try:
-        batch = outbound(list(requests.texts))
+        batch = outbound([text for text in requests.texts if text.strip()])
     finally:
         requests.close()
 
@@ -354,9 +354,7 @@ def _fit_requests(
     settle_heap()  # start-up is over: what it built is out of the collector's way
     try:
         with otel.run() if otel else nullcontext():
-            failed = asyncio.run(
-                _emit(engine, requests.texts, limits, out, table, pretty, telemetry)
-            )
+            failed = asyncio.run(_emit(engine, requests, limits, out, table, pretty, telemetry))
     finally:
         if otel:
             otel.shutdown()
@@ -381,7 +379,7 @@ def _exporting() -> bool:
 
 async def _emit(
     engine: Engine,
-    lines: Iterable[str],
+    requests: Requests,
     limits: Limits,
     out: TextIO,
     table: bool,
@@ -394,7 +392,9 @@ async def _emit(
     failed = 0
     last = time.perf_counter()
     try:
-        async for result in fit_lines(engine, lines, limits):
+        first = requests.first_line  # 0 for a document: its error says where, in its text
+        numbered = (lambda: first) if first else None
+        async for result in fit_lines(engine, requests.texts, limits, numbered):
             now = time.perf_counter()
             telemetry.on_result(None, result, now - last)
             last = now
