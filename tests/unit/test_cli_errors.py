@@ -259,3 +259,11 @@ def test_a_bad_json_line_on_stdin_names_its_line_counting_blank_ones() -> None:
     assert ok["status"] == "ok"
     want = "line 5: invalid JSON: EOF while parsing a string at column 30"  # not "line 2"
     assert bad["error"]["message"] == want
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1", "two"])
+def test_jobs_below_one_is_a_usage_error(jobs: str) -> None:
+    proc = run("fit", "--jobs", jobs, "examples/request.json")
+    assert proc.returncode == 2
+    assert "argument --jobs" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""

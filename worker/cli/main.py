@@ -89,9 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--jobs",
-        type=int,
-        default=0,
-        help="processes for a JSON lines file (default: one per core for files over 8 MB)",
+        type=_jobs,
+        help="processes for a JSON lines file, 1 or more (default: one per core for files "
+        "over 8 MB)",
     )
     send = sub.add_parser(
         "send",
@@ -151,6 +151,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     dlq.add_argument("--limit", type=int, default=100, help="most letters to handle (default 100)")
     return parser
+
+
+def _jobs(text: str) -> int:
+    """`--jobs N`, N >= 1: 0 or -1 meant nothing and were taken silently (no value is
+    "choose for me": leaving the option out is)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} processes: give 1 or more")
+    return n
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,7 +277,7 @@ def _tail(
     return 0
 
 
-def _fit(source: str, table: bool, backend: BackendName | None, jobs: int) -> int:
+def _fit(source: str, table: bool, backend: BackendName | None, jobs: int | None) -> int:
     from worker.cli.inputs import read_requests
 
     requests = read_requests(source)  # a missing or unreadable input fails before the imports
@@ -279,10 +291,10 @@ def _fit(source: str, table: bool, backend: BackendName | None, jobs: int) -> in
         requests.close()
 
 
-def _short(requests: Requests, source: str, backend: BackendName | None, jobs: int) -> bool:
+def _short(requests: Requests, source: str, backend: BackendName | None, jobs: int | None) -> bool:
     """Whether the run is short enough for the helper: a small document or file, in one
     process (`--jobs` forks its children from an engine with its own vocabulary)."""
-    if not requests.first or backend == "fastokens" or jobs > 1:
+    if not requests.first or backend == "fastokens" or (jobs or 1) > 1:
         return False
     if requests.document:  # a huge one counts faster on this process's two threads
         return len(requests.first) <= HELPER_MAX_BYTES
@@ -312,7 +324,11 @@ def _encoding_of_first(first: str) -> str:
 
 
 def _fit_requests(
-    requests: Requests, source: str, table: bool, backend: BackendName | None, jobs: int
+    requests: Requests,
+    source: str,
+    table: bool,
+    backend: BackendName | None,
+    jobs: int | None,
 ) -> int:
     import asyncio
 
@@ -327,7 +343,7 @@ def _fit_requests(
     out = sys.stdout
     pretty = requests.document  # by content, as the input was read: `fit - <f` prints the same
     if not requests.document and source != "-":
-        if jobs == 0:
+        if jobs is None:
             big = os.path.getsize(source) > PARALLEL_MIN_BYTES
             jobs = min(os.cpu_count() or 1, 2) if big else 1
         if jobs > 1:
