@@ -267,3 +267,58 @@ def test_jobs_below_one_is_a_usage_error(jobs: str) -> None:
     assert proc.returncode == 2
     assert "argument --jobs" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def run_into(sink: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`run`, stdout sent to `sink` (a path such as /dev/full)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENHEAP_", "OTEL_"))}
+    with open(sink, "w", encoding="utf-8") as out:
+        return subprocess.run(
+            [sys.executable, "-m", "worker", *args],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=clean,
+            timeout=120,
+        )
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fit", "examples/request.json"],
+        ["fit", "--table", "examples/request.json"],
+        ["fit", "{jsonl}"],
+        ["fit", "--jobs", "2", "{jsonl}"],
+        ["fit", "--jobs", "2", "--table", "{jsonl}"],
+        ["--help"],
+        ["fit", "--help"],
+        ["config-docs"],
+        ["schemas", "--out", "{tmp}"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_a_full_disk_is_one_line_and_exit_1(tmp_path: Path, args: list[str]) -> None:
+    jsonl = tmp_path / "many.jsonl"  # results well over a write buffer, in both --jobs ranges
+    jsonl.write_text(
+        "".join(json.dumps(dict(EXAMPLE, request_id=f"r{i}")) + "\n" for i in range(40)),
+        encoding="utf-8",
+    )
+    args = [a.format(jsonl=jsonl, tmp=tmp_path / "schemas") for a in args]
+    proc = run_into("/dev/full", *args)
+    assert proc.returncode == 1
+    assert proc.stderr == "tokenheap: cannot write the output: No space left on device\n"
+
+
+def test_schemas_into_a_file_or_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
+    afile = tmp_path / "README.md"
+    afile.write_text("", encoding="utf-8")
+    proc = run("schemas", "--out", str(afile))
+    assert proc.returncode == 2
+    assert proc.stderr == f"tokenheap: {afile} is a file; --out takes a folder\n"
+    proc = run("schemas", "--out", str(afile / "sub"))
+    assert proc.returncode == 2
+    no_traceback(proc)
+    assert f"cannot write the schemas in {afile / 'sub'}: Not a directory" in proc.stderr

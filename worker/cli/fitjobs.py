@@ -29,6 +29,7 @@ from contextlib import ExitStack
 from typing import IO, TextIO
 
 from worker.cli.fitfile import fit_lines
+from worker.cli.output import OutputError, writing
 from worker.engine.decode import Limits
 from worker.engine.engine import Engine
 from worker.engine.result import FitResult
@@ -36,8 +37,9 @@ from worker.runtime import settle_heap
 
 Format = Callable[[FitResult], str]
 
-OK, FAILED, BAD_INPUT, BROKEN_PIPE = 0, 1, 2, 3
-"""Child exit codes: every result ok, some error result, input not UTF-8, reader gone."""
+OK, FAILED, BAD_INPUT, BROKEN_PIPE, NO_OUTPUT = 0, 1, 2, 3, 4
+"""Child exit codes: every result ok, some error result, input not UTF-8, reader gone,
+output not written (a full disk: the child has said so on stderr)."""
 
 
 class JobsFailed(RuntimeError):
@@ -155,15 +157,16 @@ def _collect(
     for child, spill in zip(children, spills, strict=True):
         child.join()
         code = child.exitcode
-        if code is None or code not in (OK, FAILED, BAD_INPUT, BROKEN_PIPE):
+        if code is None or code not in (OK, FAILED, BAD_INPUT, BROKEN_PIPE, NO_OUTPUT):
             raise JobsFailed(f"{child.name} stopped with exit code {code}: output incomplete")
-        if code in (BAD_INPUT, BROKEN_PIPE):
+        if code in (BAD_INPUT, BROKEN_PIPE, NO_OUTPUT):
             return 2 if code == BAD_INPUT else 1
         if spill is not None:
             spill.seek(0)
-            out.flush()
-            shutil.copyfileobj(spill, out.buffer)
-            out.buffer.flush()
+            with writing():
+                out.flush()
+                shutil.copyfileobj(spill, out.buffer)
+                out.buffer.flush()
         codes.append(code)
     return FAILED if FAILED in codes else OK
 
@@ -198,15 +201,24 @@ def _child(
         lines = range_lines(path, start, end, advance)
         async for result in fit_lines(engine, lines, limits, first_line):
             failed += result.status != "ok"
-            sink.write(fmt(result))
+            try:
+                sink.write(fmt(result))
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                raise OutputError(exc) from None
         await engine.aclose()
 
     try:
         asyncio.run(run())
-        sink.flush()
+        with writing():
+            sink.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         os._exit(BROKEN_PIPE)
+    except OutputError as exc:  # stdout, or a spill file on a full /tmp
+        print(f"tokenheap: {exc}", file=sys.stderr, flush=True)
+        os._exit(NO_OUTPUT)
     except UnicodeDecodeError as exc:
         from worker.cli.inputs import not_text
 

@@ -12,10 +12,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from worker.cli.output import OutputError, writing
 from worker.errors import TokenheapError
 from worker.runtime import settle_heap
 
 if TYPE_CHECKING:  # imported where used: `fit` checks its input before the engine loads
+    from _typeshed import SupportsWrite
+
     from worker.catalog import Catalog
     from worker.cli.inputs import Requests
     from worker.count.backends import BackendName
@@ -48,6 +51,18 @@ EXIT_CODES = """exit codes:
   2  usage or configuration error: a bad option, input file or setting"""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a help or version text that cannot be written to stdout
+    (`--help > /dev/full`) is reported: argparse drops the OSError, then exits 0."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if message and file is sys.stdout:
+            with writing():
+                file.write(message)
+        else:
+            super()._print_message(message, file)
+
+
 class _Version(argparse._VersionAction):
     """`--version`, reading the installed version only when asked: importlib.metadata
     takes ~15 ms to import, which every other command would pay for nothing."""
@@ -67,9 +82,7 @@ class _Version(argparse._VersionAction):
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="tokenheap", description=__doc__, epilog=EXIT_CODES, formatter_class=fmt
-    )
+    parser = _Parser(prog="tokenheap", description=__doc__, epilog=EXIT_CODES, formatter_class=fmt)
     parser.add_argument("--version", action=_Version, version="tokenheap")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     fit = sub.add_parser(
@@ -165,15 +178,32 @@ def _jobs(text: str) -> int:
     return n
 
 
+def _flush() -> None:
+    """What is still buffered fails here, where it can be reported: at exit Python says
+    `Exception ignored` and exits 120, or nothing at all and 0 after `--help`."""
+    with writing():
+        sys.stdout.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = None
     try:
-        return _run(args)
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly; Python would otherwise complain
-        # again while flushing stdout at exit.
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit:  # --help, --version, a usage error: printed, not yet written
+            _flush()
+            raise
+        code = _run(args)
+        _flush()
+        return code
+    except (BrokenPipeError, OutputError) as exc:
+        # The reader went away (`| head`) or the disk is full: stop quietly, or with a
+        # line; what is left in stdout's buffer would fail again when Python flushes it
+        # at exit.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+        if isinstance(exc, OutputError):
+            print(f"tokenheap: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -203,20 +233,12 @@ def _run(args: argparse.Namespace) -> int:
         return _tail(settings, args.topic or "results", args.from_beginning, args.limit,
                      args.idle_timeout)  # fmt: skip
     if args.cmd == "schemas":
-        from worker.schemas import check_schemas, write_schemas
-
-        if args.check:
-            stale = check_schemas(args.out)
-            for name in stale:
-                print(f"out of date: {args.out / name} (run `tokenheap schemas`)")
-            return 1 if stale else 0
-        for path in write_schemas(args.out):
-            print(path)
-        return 0
+        return _schemas(args.out, args.check)
     if args.cmd == "config-docs":
         from worker.settings import reference_table
 
-        print(reference_table())
+        with writing():
+            print(reference_table())
         return 0
     if args.cmd == "worker":
         from worker.cli.preflight import check_requests_topic
@@ -230,6 +252,28 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_dlq(load_settings(), args.action, args.limit)
     return 2
+
+
+def _schemas(folder: Path, check: bool) -> int:
+    from worker.errors import ConfigError
+    from worker.schemas import check_schemas, write_schemas
+
+    try:
+        stale = check_schemas(folder) if check else []
+        written = [] if check else write_schemas(folder)
+    except FileExistsError:  # mkdir: a file of that name
+        raise ConfigError(f"{folder} is a file; --out takes a folder") from None
+    except OSError as exc:
+        doing = "read" if check else "write"
+        raise ConfigError(
+            f"cannot {doing} the schemas in {folder}: {exc.strerror or exc}"
+        ) from None
+    with writing():
+        for name in stale:
+            print(f"out of date: {folder / name} (run `tokenheap schemas`)")
+        for path in written:
+            print(path)
+    return 1 if stale else 0
 
 
 def _send(settings: Settings, source: str, timeout_s: float, table: bool) -> int:
@@ -248,11 +292,12 @@ def _send(settings: Settings, source: str, timeout_s: float, table: bool) -> int
         requests.close()
 
     def emit(value: bytes) -> None:
-        if view is not None:
-            sys.stdout.write(view(FitResult.model_validate_json(value)) + "\n")
-        else:
-            sys.stdout.write(value.decode("utf-8", "replace") + "\n")
-        sys.stdout.flush()
+        with writing():
+            if view is not None:
+                sys.stdout.write(view(FitResult.model_validate_json(value)) + "\n")
+            else:
+                sys.stdout.write(value.decode("utf-8", "replace") + "\n")
+            sys.stdout.flush()
 
     report = asyncio.run(send(settings, batch, timeout_s=timeout_s, emit=emit, err=sys.stderr))
     return report.exit_code
@@ -268,8 +313,9 @@ def _tail(
     topic = str(getattr(settings, f"{which}_topic"))
 
     def emit(value: bytes) -> None:
-        sys.stdout.write(value.decode("utf-8", "replace") + "\n")
-        sys.stdout.flush()
+        with writing():
+            sys.stdout.write(value.decode("utf-8", "replace") + "\n")
+            sys.stdout.flush()
 
     asyncio.run(
         tail(settings, topic, from_beginning=from_beginning, limit=limit, idle_s=idle, emit=emit)
@@ -416,7 +462,12 @@ async def _emit(
             last = now
             failed += result.status != "ok"
             text = view(result) if view is not None else _dump(result, pretty)
-            out.write(text + "\n")  # one write: stdout may be unbuffered (PYTHONUNBUFFERED)
+            try:
+                out.write(text + "\n")  # one write: stdout may be unbuffered (PYTHONUNBUFFERED)
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                raise OutputError(exc) from None
     finally:
         await engine.aclose()
     return failed
