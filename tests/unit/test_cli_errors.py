@@ -167,7 +167,13 @@ def test_version_and_help_on_every_command() -> None:
     for name, sub in choices.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
-    assert "exit codes" in run("--help").stdout
+        assert sub.description, f"{name} has no description"
+        assert name in (parser.description or ""), f"the top-level help leaves {name} out"
+    for args in [[], *([name] for name in choices)]:
+        shown = run(*args, "--help", COLUMNS="80")
+        assert shown.returncode == 0, shown.stderr
+        assert "exit codes (the same for every command):" in shown.stdout, args
+        assert max(map(len, shown.stdout.splitlines())) <= 80, args  # descriptions wrapped
 
 
 def test_a_broken_pretty_document_is_one_error_at_its_own_position(tmp_path: Path) -> None:

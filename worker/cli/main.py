@@ -1,4 +1,5 @@
-"""tokenheap: count, budget and fit the context of LLM calls (fit, send, tail, worker, dlq)."""
+"""tokenheap: count, budget and fit the context of LLM calls (fit, send, tail, worker, dlq,
+schemas, config-docs)."""
 
 from __future__ import annotations
 
@@ -45,10 +46,22 @@ GUESSED_ENCODING = "o200k_base"
 OpenAI models' and the one Claude's local estimate counts with (fit_api.LOCAL_ENCODING)."""
 
 
-EXIT_CODES = """exit codes:
+EXIT_CODES = """exit codes (the same for every command):
   0  every request got an ok result (or the command did what it was asked)
-  1  some request got an error result, or no answer (send), or output was cut short
+  1  some request got an error result, or no answer (send), letters were refused
+     (dlq replay), or output was cut short (a closed pipe, a full disk)
   2  usage or configuration error: a bad option, input file or setting"""
+
+
+class _Help(argparse.HelpFormatter):
+    """Paragraphs wrapped to the terminal (a description is one line in the source), text
+    laid out by hand kept as it is (the exit codes): RawDescriptionHelpFormatter keeps
+    both, and printed the descriptions as single 150-column lines."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,17 +94,23 @@ class _Version(argparse._VersionAction):
 
 
 def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(prog="tokenheap", description=__doc__, epilog=EXIT_CODES, formatter_class=fmt)
+    doc = " ".join(__doc__.split()) if __doc__ else None  # one paragraph, for _Help to wrap
+    parser = _Parser(prog="tokenheap", description=doc, epilog=EXIT_CODES, formatter_class=_Help)
     parser.add_argument("--version", action=_Version, version="tokenheap")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    fit = sub.add_parser(
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        """A subcommand, with the exit codes that hold for all of them in its help."""
+        return sub.add_parser(
+            name, help=summary, description=description, epilog=EXIT_CODES, formatter_class=_Help
+        )
+
+    fit = command(
         "fit",
-        help="fit requests from a file or stdin, locally (no broker)",
-        description="Fit requests locally and print one result per request. The input is "
-        "one JSON document or JSON lines (.jsonl, .ndjson), told apart by content.",
-        epilog=EXIT_CODES,
-        formatter_class=fmt,
+        "fit requests from a file or stdin, locally (no broker)",
+        "Fit requests locally and print one result per request. The input is one JSON "
+        "document or JSON lines (.jsonl, .ndjson), told apart by content: one document "
+        "prints indented JSON, JSON lines one result per line.",
     )
     fit.add_argument("source", help="a request .json, a .jsonl/.ndjson of requests, or - for stdin")
     fit.add_argument("--table", action="store_true", help="a human view instead of JSON")
@@ -106,13 +125,11 @@ def _parser() -> argparse.ArgumentParser:
         help="processes for a JSON lines file, 1 or more (default: one per core for files "
         "over 8 MB)",
     )
-    send = sub.add_parser(
+    send = command(
         "send",
-        help="send requests to a running worker and print its results",
-        description="Produce requests to TOKENHEAP_REQUESTS_TOPIC and print each result "
-        "from TOKENHEAP_RESULTS_TOPIC as it arrives, matched by its request_id header.",
-        epilog=EXIT_CODES,
-        formatter_class=fmt,
+        "send requests to a running worker and print its results",
+        "Produce requests to TOKENHEAP_REQUESTS_TOPIC and print each result from "
+        "TOKENHEAP_RESULTS_TOPIC as it arrives, matched by its request_id header.",
     )
     send.add_argument("source", help="a request .json, a .jsonl/.ndjson of requests, or -")
     send.add_argument(
@@ -122,10 +139,11 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for the answers after sending (default 30)",
     )
     send.add_argument("--table", action="store_true", help="a human view instead of JSON")
-    tail = sub.add_parser(
+    tail = command(
         "tail",
-        help="print a topic's messages as JSON lines (read_committed)",
-        description="Print the results (default), alerts or dead letters as JSON lines.",
+        "print a topic's messages as JSON lines (read_committed)",
+        "Print the results (default), alerts or dead letters as JSON lines, one message "
+        "value per line, from the topic's end or its beginning.",
     )
     which = tail.add_mutually_exclusive_group()
     which.add_argument(
@@ -147,18 +165,35 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--idle-timeout", type=float, help="stop after this many seconds without a message"
     )
-    sch = sub.add_parser("schemas", help="write the JSON Schemas of the message contracts")
+    sch = command(
+        "schemas",
+        "write the JSON Schemas of the message contracts",
+        "Write the JSON Schemas of the request, result, alert and dead-letter messages, "
+        "generated from the models, and print their paths; --check writes nothing and "
+        "exits 1 when the files differ from the models.",
+    )
     sch.add_argument(
         "--out", type=Path, default=Path("schemas"), help="folder to write (default schemas/)"
     )
     sch.add_argument("--check", action="store_true", help="fail if schemas/ is out of date")
-    sub.add_parser("config-docs", help="print the settings reference as a Markdown table")
-    sub.add_parser(
-        "worker",
-        help="run the Kafka worker",
-        description="Consume requests, publish results; health on TOKENHEAP_HEALTH_PORT.",
+    command(
+        "config-docs",
+        "print the settings reference as a Markdown table",
+        "Print every TOKENHEAP_* setting with its default and meaning, as a Markdown table "
+        "(the README's settings reference is this output).",
     )
-    dlq = sub.add_parser("dlq", help="list or replay dead letters")
+    command(
+        "worker",
+        "run the Kafka worker",
+        "Consume requests, publish results; health on TOKENHEAP_HEALTH_PORT.",
+    )
+    dlq = command(
+        "dlq",
+        "list or replay dead letters",
+        "list: print the dead letters (why, and where each came from) as JSON lines, "
+        "moving nothing. replay: re-publish their original messages to the source topic; "
+        "a letter that cannot be replayed is refused, and exit 1 says so.",
+    )
     dlq.add_argument(
         "action", choices=["list", "replay"], help="list: print letters; replay: re-publish them"
     )
