@@ -27,9 +27,9 @@ def fit_lines(
     first_line: Callable[[], int] | None = None,
 ) -> AsyncIterator[FitResult]:
     """One result per non-blank line, in order; a bad line yields an error result. Given
-    `first_line` (JSON lines: the input line `lines` start on, blank lines included in
-    both), the error names its input line; it is asked for only then, as a `--jobs` range
-    finds it by counting the file's lines before it."""
+    `first_line` (JSON lines: the input line number of the first of `lines`, which are
+    every line from there, blank ones too), that error result names its input line. It is
+    asked for only then: a `--jobs` range finds it by counting the file's lines before it."""
     if first_line is None:
         return engine.fit_many(_decode(line, limits) for line in lines if line.strip())
     return engine.fit_many(
@@ -49,12 +49,12 @@ def _decode(
 
 
 def _on_line(exc: TokenheapError, line: str, number: int, limits: Limits) -> TokenheapError:
-    """`exc` saying which input line it is about, a JSON fault placed by its column in that
-    line: the parser's own position counts the line as a document of its own, and puts a
-    line cut short past its line break (`line 2 column 0`), confusing for line 3 of a file."""
+    """`exc`, saying which input line it is about, a JSON fault placed by its column in that
+    line: the parser's position counts the line as a document of its own, and puts the end
+    of a line cut short past its line break (`line 2 column 0`), confusing for line 3."""
     message = str(exc)
     if message.startswith(_INVALID_JSON):
-        try:  # again without the line break (an error path: the copy costs nothing else)
+        try:  # decoded again without the break: bad lines only, so good ones pay nothing
             decode_request(line.rstrip("\n"), limits)
         except TokenheapError as again:
             message = str(again)

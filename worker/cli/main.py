@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from worker.cli.output import OutputError, writing
-from worker.errors import TokenheapError
+from worker.errors import ConfigError, TokenheapError
 from worker.runtime import settle_heap
 
 if TYPE_CHECKING:  # imported where used: `fit` checks its input before the engine loads
@@ -290,7 +290,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _schemas(folder: Path, check: bool) -> int:
-    from worker.errors import ConfigError
     from worker.schemas import check_schemas, write_schemas
 
     try:
