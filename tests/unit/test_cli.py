@@ -58,7 +58,7 @@ def test_fit_jsonl_keeps_input_order_and_reports_bad_lines(tmp_path: Path) -> No
         "message": "line 3: invalid JSON: key must be a string at column 2",  # of line 3
         "retriable": False,
     }
-    assert out[4]["error"]["message"].startswith("line 5: invalid request: surprise")
+    assert out[4]["error"]["message"].startswith("line 5: surprise: Extra inputs")
     assert out[5]["error"] == {
         "code": "counting_unavailable",
         "retriable": True,

@@ -98,7 +98,7 @@ def test_bad_lines_in_every_range_name_their_input_lines(tmp_path: Path) -> None
     lines[44] = cut
     src = _write(tmp_path, lines)
     want = [
-        "line 13: invalid request: surprise: Extra inputs are not permitted",
+        "line 13: surprise: Extra inputs are not permitted",
         f"line 45: invalid JSON: EOF while parsing an object at column {len(cut)}",
     ]
     for jobs in ("1", "2", "3"):  # the bad lines in the first range, in later ones

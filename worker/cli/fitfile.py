@@ -16,7 +16,7 @@ from worker.engine.report import error_result
 from worker.engine.result import FitResult
 from worker.errors import TokenheapError
 
-_INVALID_JSON = "invalid request: <root>: Invalid JSON: "
+_INVALID_JSON = "Invalid JSON: "
 """How decode_request words a request that is not JSON (pydantic's message after it)."""
 
 

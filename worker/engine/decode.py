@@ -131,7 +131,8 @@ def _summarise(exc: ValidationError) -> str:
     """Field paths and pydantic's reason, never the offending values (they may be prompt text)."""
     parts = []
     for err in exc.errors(include_url=False, include_input=False)[:5]:
-        parts.append(f"{_path(err['loc'])}: {err['msg']}")
+        where = _path(err["loc"])  # none for the document itself (JSON that does not parse)
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
     more = exc.error_count() - len(parts)
     suffix = f" (+{more} more)" if more > 0 else ""
     return "; ".join(parts) + suffix
@@ -143,4 +144,4 @@ def _path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
-    return out or "<root>"
+    return out
