@@ -104,3 +104,19 @@ def test_an_unavailable_count_names_the_setting_that_allows_estimates() -> None:
         error=ErrorInfo(code="counting_unavailable", message="no client", retriable=True),
     )
     assert "TOKENHEAP_ON_COUNT_UNAVAILABLE=estimate" in render_table(r)
+
+
+@given(words=st.lists(st.text("abcdefghij", min_size=1, max_size=30), min_size=1, max_size=60))
+def test_a_long_alert_wraps_under_its_message_not_under_the_labels(words: list[str]) -> None:
+    """Wrapped lines of an alert keep the message's column, so the labels' column stays
+    readable; every word of the message is still there, in order."""
+    message = " ".join(words)
+    r = result().model_copy(update={"alerts": [Alert(type="t", message=message)]})
+    lines = render_table(r).splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("  ALERT"))
+    body = [lines[first]]
+    body += [line for line in lines[first + 1 :] if line.startswith(" " * 11) and line.strip()]
+    column = lines[first].index("t [warning]")
+    assert all(line[:column].isspace() and not line[column].isspace() for line in body[1:])
+    assert " ".join(" ".join(body)[column:].split()) == f"t [warning]: {message}"
+    assert all(cell_len(line) <= WIDTH and line == line.rstrip() for line in lines)

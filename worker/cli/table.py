@@ -47,22 +47,34 @@ def render_table(r: FitResult, shares: Shares | None = None, *, color: bool = Fa
         highlight=False,
         soft_wrap=False,
     )
-    for line in _lines(r, shares or {}):
-        console.print(line)  # wrapped at 80: long messages stay whole
+    for line in _lines(r, shares or {}, console):
+        console.print(line)  # long messages arrive wrapped (`_hanging`), a line each
     return buf.getvalue()
 
 
-def _lines(r: FitResult, shares: Shares) -> list[Text]:
+def _hanging(label: Text, body: str, console: Console, style: str = "") -> list[Text]:
+    """`label` then `body` wrapped to the width, each further line indented under the
+    body's first character, so a long message does not run back to column 0 under the
+    labels."""
+    indent = label.cell_len
+    wrapped = Text(body, style).wrap(console, WIDTH - indent)
+    for line in wrapped:
+        line.rstrip()  # the space a line was broken at
+    return [
+        Text.assemble(label if i == 0 else " " * indent, line) for i, line in enumerate(wrapped)
+    ]
+
+
+def _lines(r: FitResult, shares: Shares, console: Console) -> list[Text]:
     status = "green" if r.status == "ok" else "bold red"
     head = Text.assemble((r.request_id, "bold"), "  ", r.model, "  ", (f"[{r.status}]", status))
     lines = [head]
     if r.error is not None:
-        lines.append(
-            Text.assemble("  ", ("error", "bold red"), f" {r.error.code}: {r.error.message}")
-        )
+        label = Text.assemble("  ", ("error", "bold red"), " ")
+        lines.extend(_hanging(label, f"{r.error.code}: {r.error.message}", console))
         hint = HINTS.get(r.error.code)
         if hint:
-            lines.append(Text(f"  hint: {hint}", "dim"))
+            lines.extend(_hanging(Text("  hint: ", "dim"), hint, console, "dim"))
         return lines
     u = r.usage
     if u is None:
@@ -114,7 +126,8 @@ def _lines(r: FitResult, shares: Shares) -> list[Text]:
         lines.append(Text(f"  cut      … and {len(r.truncated) - SHOWN_IDS} more", "yellow"))
     for a in r.alerts:
         style = "bold red" if a.severity == "critical" else "bold yellow"
-        lines.append(Text.assemble(("  ALERT    ", style), f"{a.type} [{a.severity}]: {a.message}"))
+        label = Text("  ALERT    ", style)
+        lines.extend(_hanging(label, f"{a.type} [{a.severity}]: {a.message}", console))
     return lines
 
 
