@@ -328,3 +328,15 @@ def test_schemas_into_a_file_or_a_missing_folder_is_a_usage_error(tmp_path: Path
     assert proc.returncode == 2
     no_traceback(proc)
     assert f"cannot write the schemas in {afile / 'sub'}: Not a directory" in proc.stderr
+
+
+def test_schemas_check_without_a_schemas_folder_says_so_once(tmp_path: Path) -> None:
+    """Outside a checkout there is nothing to compare with: one usage error, not every
+    schema reported out of date."""
+    missing = tmp_path / "schemas"
+    proc = run("schemas", "--check", "--out", str(missing))
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"tokenheap: {missing}: no such folder to check; --out names the schemas folder\n"
+    )
+    assert proc.stdout == ""

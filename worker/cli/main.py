@@ -292,6 +292,8 @@ def _run(args: argparse.Namespace) -> int:
 def _schemas(folder: Path, check: bool) -> int:
     from worker.schemas import check_schemas, write_schemas
 
+    if check and not folder.is_dir():  # not a checkout, or the wrong folder: say so once
+        raise ConfigError(f"{folder}: no such folder to check; --out names the schemas folder")
     try:
         stale = check_schemas(folder) if check else []
         written = [] if check else write_schemas(folder)
