@@ -340,3 +340,52 @@ def test_schemas_check_without_a_schemas_folder_says_so_once(tmp_path: Path) -> 
         f"tokenheap: {missing}: no such folder to check; --out names the schemas folder\n"
     )
     assert proc.stdout == ""
+
+
+def test_a_jsonl_first_line_cut_after_a_comma_is_still_json_lines(tmp_path: Path) -> None:
+    """A first line ending in `,` could start a pretty-printed document, but a later line
+    that is a request on its own says the input is JSON lines: the good lines are fitted."""
+    good = json.dumps({"request_id": "ok-1", "model": "gpt-4o", "query": "hi"})
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"model": "gpt-4o", "query": "hi",\n' + good + "\n", encoding="utf-8")
+    proc = run("fit", str(path))
+    assert proc.returncode == 1, proc.stderr
+    bad, ok = (json.loads(line) for line in proc.stdout.splitlines())
+    assert bad["error"]["message"].startswith("line 1: invalid JSON")
+    assert ok["request_id"] == "ok-1" and ok["status"] == "ok"
+
+
+def test_a_document_cut_short_is_placed_on_its_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "cut.json"
+    path.write_text('{"request_id": "a", "model": "gpt-4o"\n', encoding="utf-8")
+    proc = run("fit", str(path))
+    assert proc.returncode == 1
+    message = json.loads(proc.stdout)["error"]["message"]
+    assert message == "Invalid JSON: EOF while parsing an object at line 1 column 37"
+
+
+def test_crlf_lines_get_the_same_column_named_or_on_stdin(tmp_path: Path) -> None:
+    text = '{"request_id":"a","model":"gpt-4o","query":"q"}\r\n{"request_id":"b","query":\r\n'
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(text.encode())
+    named = run("fit", str(path)).stdout.splitlines()[-1]
+    piped = run("fit", "-", stdin=text).stdout.splitlines()[-1]
+    assert json.loads(named)["error"] == json.loads(piped)["error"]
+    assert "line 2: invalid JSON" in json.loads(piped)["error"]["message"]
+
+
+@pytest.mark.parametrize("args", [("--help",), ("fit", "examples/request.json")])
+def test_a_closed_stdout_is_one_line_and_exit_1(args: tuple[str, ...]) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENHEAP_", "OTEL_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=clean,
+        timeout=120,
+        preexec_fn=lambda: os.close(1),  # `>&-`: the process starts without a stdout
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == "tokenheap: stdout is closed; nothing could be written\n"

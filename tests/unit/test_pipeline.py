@@ -233,7 +233,7 @@ def test_a_window_over_the_models_is_fitted_to_the_model_and_said(
     assert not any(a.type == "window_capped" for a in lower.alerts)
 
 
-@pytest.mark.parametrize("bad", [True, 8192.5, "8192"])
+@pytest.mark.parametrize("bad", [True, 8192.0, 8192.5, "8192"])
 def test_budget_numbers_are_numbers(make_request: MakeRequest, bad: object) -> None:
     """JSON `true` is not a window of 1 token, nor a string or a fraction a token count."""
     with pytest.raises(ValueError, match="max_context_tokens"):

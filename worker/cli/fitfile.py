@@ -55,7 +55,7 @@ def _on_line(exc: TokenheapError, line: str, number: int, limits: Limits) -> Tok
     message = str(exc)
     if message.startswith(_INVALID_JSON):
         try:  # decoded again without the break: bad lines only, so good ones pay nothing
-            decode_request(line.rstrip("\n"), limits)
+            decode_request(line.rstrip("\r\n"), limits)  # stdin keeps a CRLF's \r
         except TokenheapError as again:
             message = str(again)
         fault = message.removeprefix(_INVALID_JSON).replace(" at line 1 column ", " at column ")

@@ -97,10 +97,16 @@ def read_requests(source: str) -> Requests:
     if _parses(body):
         text = body.replace("\n", " ")
         return Requests(iter([text]), document=True, stream=stream, name=name, first=text)
-    if body.count("\n") <= 1 or _goes_on(first):
+    later = body.split("\n")[1:]
+    if body.count("\n") <= 1 or (_goes_on(first) and not any(map(_is_object, later))):
         # One broken document: its line breaks kept, so that the parse error's line and
-        # column are the document's (the skipped blank lines put back for the count).
-        text = "\n" * skipped + body
+        # column are the document's (the skipped blank lines put back for the count), and
+        # its trailing ones dropped, so that an end cut short is placed on its last line.
+        # A later line that is a JSON object on its own makes it JSON lines after all (a
+        # line cut short after a comma), where each good line gets its result; a value of
+        # a pretty-printed document may stand alone on a line (`42`, `"x"`), not a whole
+        # non-empty object, whose keys the printer puts on lines of their own.
+        text = "\n" * skipped + body.rstrip()
         return Requests(iter([text]), document=True, stream=stream, name=name, first=text)
     # split as the stream iterates (text mode has made every line end a \n): splitlines()
     # would also cut at U+2028 and the like, which JSON strings may hold as they are
@@ -125,6 +131,14 @@ def not_text(name: str, exc: UnicodeDecodeError) -> InputError:
         f"{name} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
         "requests are JSON documents or JSON lines"
     )
+
+
+def _is_object(line: str) -> bool:
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and bool(doc)
 
 
 def _parses(text: str) -> bool:

@@ -221,6 +221,10 @@ def _flush() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere for results to go
+        if sys.stderr is not None:
+            print("tokenheap: stdout is closed; nothing could be written", file=sys.stderr)
+        return 1
     args = None
     try:
         try:
