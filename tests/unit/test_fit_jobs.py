@@ -173,3 +173,27 @@ def test_progress_follows_the_bytes_the_children_read(tmp_path: Path, catalog: C
     assert code == 0
     assert seen == sorted(seen) and seen[-1] == src.stat().st_size
     assert len(out.read_text(encoding="utf-8").splitlines()) == 60
+
+
+def test_a_child_that_raises_is_a_failure_not_error_results(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    catalog: Catalog,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """multiprocessing exits a child that raises with code 1, which is also 'some error
+    result': a crash must not pass for that, with its output incomplete."""
+    import worker.cli.fitjobs as fitjobs
+
+    def broken(*_args: object, **_kw: object) -> object:
+        raise RuntimeError("boom")
+
+    src = _write(tmp_path, [json.dumps(_req(i)) for i in range(20)])
+    monkeypatch.setattr(fitjobs, "fit_lines", broken)  # forked children inherit it
+    with pytest.raises(fitjobs.JobsFailed, match="exit code 5"):
+        fitjobs.fit_ranges(
+            lambda: Engine(catalog=catalog), str(src), Limits(), str, 2, io.StringIO()
+        )
+    err = capfd.readouterr().err
+    assert "tokenheap: --jobs process 0 failed (RuntimeError: boom)" in err
+    assert "Traceback" not in err

@@ -37,9 +37,11 @@ from worker.runtime import settle_heap
 
 Format = Callable[[FitResult], str]
 
-OK, FAILED, BAD_INPUT, BROKEN_PIPE, NO_OUTPUT = 0, 1, 2, 3, 4
+OK, FAILED, BAD_INPUT, BROKEN_PIPE, NO_OUTPUT, CRASHED = 0, 1, 2, 3, 4, 5
 """Child exit codes: every result ok, some error result, input not UTF-8, reader gone,
-output not written (a full disk: the child has said so on stderr)."""
+output not written (a full disk: the child has said so on stderr), and an exception of
+ours (said on stderr in one line): not `FAILED`, which multiprocessing gives any child that
+raises, so that a crash is never taken for error results."""
 
 
 class JobsFailed(RuntimeError):
@@ -224,6 +226,10 @@ def _child(
 
         print(f"tokenheap: {not_text(path, exc)}", file=sys.stderr, flush=True)
         os._exit(BAD_INPUT)
+    except Exception as exc:  # a bug, or the file gone: one line, and the parent stops
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        print(f"tokenheap: --jobs process {k} failed ({why})", file=sys.stderr, flush=True)
+        os._exit(CRASHED)
     os._exit(FAILED if failed else OK)
 
 
