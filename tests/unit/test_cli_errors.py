@@ -17,8 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text(encoding="utf-8"))
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without tokenheap's and OpenTelemetry's variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("TOKENHEAP_", "OTEL_"))}
+
+
 def run(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENHEAP_", "OTEL_"))}
+    clean = clean_env()
     data = stdin
     return subprocess.run(
         [sys.executable, "-m", "worker", *args],
@@ -277,7 +282,7 @@ def test_jobs_below_one_is_a_usage_error(jobs: str) -> None:
 
 def run_into(sink: str, *args: str) -> subprocess.CompletedProcess[str]:
     """`run`, stdout sent to `sink` (a path such as /dev/full)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENHEAP_", "OTEL_"))}
+    clean = clean_env()
     with open(sink, "w", encoding="utf-8") as out:
         return subprocess.run(
             [sys.executable, "-m", "worker", *args],
@@ -376,7 +381,7 @@ def test_crlf_lines_get_the_same_column_named_or_on_stdin(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("args", [("--help",), ("fit", "examples/request.json")])
 def test_a_closed_stdout_is_one_line_and_exit_1(args: tuple[str, ...]) -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENHEAP_", "OTEL_"))}
+    clean = clean_env()
     proc = subprocess.run(
         [sys.executable, "-m", "worker", *args],
         stdout=subprocess.DEVNULL,

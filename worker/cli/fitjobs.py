@@ -29,7 +29,7 @@ from contextlib import ExitStack
 from typing import IO, TextIO
 
 from worker.cli.fitfile import fit_lines
-from worker.cli.output import OutputError, writing
+from worker.cli.output import OutputError, write, writing
 from worker.engine.decode import Limits
 from worker.engine.engine import Engine
 from worker.engine.result import FitResult
@@ -203,12 +203,7 @@ def _child(
         lines = range_lines(path, start, end, advance)
         async for result in fit_lines(engine, lines, limits, first_line):
             failed += result.status != "ok"
-            try:
-                sink.write(fmt(result))
-            except BrokenPipeError:
-                raise
-            except OSError as exc:
-                raise OutputError(exc) from None
+            write(sink, fmt(result))
         await engine.aclose()
 
     try:

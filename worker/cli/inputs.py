@@ -97,8 +97,10 @@ def read_requests(source: str) -> Requests:
     if _parses(body):
         text = body.replace("\n", " ")
         return Requests(iter([text]), document=True, stream=stream, name=name, first=text)
-    later = body.split("\n")[1:]
-    if body.count("\n") <= 1 or (_goes_on(first) and not any(map(_is_object, later))):
+    # split as the stream iterates (text mode has made every line end a \n): splitlines()
+    # would also cut at U+2028 and the like, which JSON strings may hold as they are
+    split = body.split("\n")
+    if len(split) <= 2 or (_goes_on(first) and not any(map(_is_object, split[1:]))):
         # One broken document: its line breaks kept, so that the parse error's line and
         # column are the document's (the skipped blank lines put back for the count), and
         # its trailing ones dropped, so that an end cut short is placed on its last line.
@@ -108,10 +110,7 @@ def read_requests(source: str) -> Requests:
         # non-empty object, whose keys the printer puts on lines of their own.
         text = "\n" * skipped + body.rstrip()
         return Requests(iter([text]), document=True, stream=stream, name=name, first=text)
-    # split as the stream iterates (text mode has made every line end a \n): splitlines()
-    # would also cut at U+2028 and the like, which JSON strings may hold as they are
-    texts = iter(body.split("\n"))
-    return Requests(texts, False, stream, name, first=first, first_line=skipped + 1)
+    return Requests(iter(split), False, stream, name, first=first, first_line=skipped + 1)
 
 
 def _goes_on(line: str) -> bool:

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from worker.cli.output import OutputError, writing
+from worker.cli.output import OutputError, write, writing
 from worker.errors import ConfigError, TokenheapError
 from worker.runtime import settle_heap
 
@@ -502,12 +502,7 @@ async def _emit(
             last = now
             failed += result.status != "ok"
             text = view(result) if view is not None else _dump(result, pretty)
-            try:
-                out.write(text + "\n")  # one write: stdout may be unbuffered (PYTHONUNBUFFERED)
-            except BrokenPipeError:
-                raise
-            except OSError as exc:
-                raise OutputError(exc) from None
+            write(out, text + "\n")  # one write: stdout may be unbuffered (PYTHONUNBUFFERED)
     finally:
         await engine.aclose()
     return failed

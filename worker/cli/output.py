@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import IO
 
 
 class OutputError(Exception):
@@ -19,9 +20,20 @@ class OutputError(Exception):
 
 @contextmanager
 def writing() -> Iterator[None]:
-    """Around writes to stdout, off the per-result path (which has a plain `try`)."""
+    """Around writes to stdout, off the per-result path (which has `write`)."""
     try:
         yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(exc) from None
+
+
+def write(out: IO[str], text: str) -> None:
+    """`out.write(text)` on the per-result path: what `writing()` does, without a context
+    manager's cost for every result."""
+    try:
+        out.write(text)
     except BrokenPipeError:
         raise
     except OSError as exc:
