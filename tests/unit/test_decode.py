@@ -96,6 +96,60 @@ def test_item_limit_refuses_exactly_the_texts_over_it(
         check_limits(req, Limits(max_item_chars=cap))
 
 
+@given(
+    system=_text,
+    history=st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "assistant"]), "content": _content}
+        ),
+        max_size=2,
+    ),
+    long=st.one_of(
+        st.text(alphabet="ab ", min_size=200, max_size=400),
+        st.text(alphabet='a\u00e9\u4e2d\U0001f600\n"\\ ', min_size=1, max_size=300),
+    ),
+    where=st.sampled_from(["query", "chunk", "turn"]),
+    ascii_only=st.booleans(),
+    as_bytes=st.booleans(),
+    data=st.data(),
+)
+def test_a_request_within_the_item_limit_skips_the_walk_and_misses_nothing(
+    system: str,
+    history: list[dict[str, object]],
+    long: str,
+    where: str,
+    ascii_only: bool,
+    as_bytes: bool,
+    data: st.DataObject,
+) -> None:
+    """decode_request skips the per-text walk when the JSON is no bigger than the item
+    limit; that is sound only because no text has more characters than its JSON has
+    bytes, escapes (`\\ud83d\\ude00` is one character) included. With one text that is most
+    of the request and limits at and around its length and the request's size, decode
+    refuses exactly what the walk over every text would."""
+    doc: dict[str, object] = {**BASE, "system": system, "history": history}
+    if where == "query":
+        doc["query"] = long
+    elif where == "chunk":
+        doc["chunks"] = [{"id": "c", "text": long}]
+    else:
+        doc["history"] = [*history, {"role": "user", "content": long}]
+    text = json.dumps(doc, ensure_ascii=ascii_only)
+    size = len(text.encode("utf-8"))
+    walked = decode_request(text)
+    assert max(len(t) for _, t in _items(walked)) <= size
+    edges = [len(long) - 1, len(long), size - 1, size]
+    cap = data.draw(st.sampled_from(edges) | st.integers(1, size + 2), label="cap")
+    limits = Limits(max_item_chars=cap)
+    over = [w for w, t in _items(walked) if len(t) > limits.max_item_chars]
+    raw = text.encode("utf-8") if as_bytes else text
+    if over:
+        with pytest.raises(RequestTooLarge, match=re.escape(over[0])):
+            decode_request(raw, limits)
+    else:
+        decode_request(raw, limits)
+
+
 @pytest.mark.parametrize("text", ["a" * 60, "é" * 30, "😀" * 15])
 def test_byte_limit_counts_utf8_bytes_of_a_str(text: str) -> None:
     doc = json.dumps({**BASE, "system": text}, ensure_ascii=False)
