@@ -830,7 +830,7 @@ def test_resource_from_service_name_and_resource_attributes(
 ) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "tokenheap-eu")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=staging,team=ml")
-    providers = setup_telemetry(shutdown_on_exit=False)
+    providers = setup_telemetry(shutdown_on_exit=False, span_exporters=[InMemorySpanExporter()])
     assert isinstance(providers.tracer_provider, TracerProvider)
     attrs = providers.tracer_provider.resource.attributes
     assert attrs["service.name"] == "tokenheap-eu"
@@ -841,10 +841,40 @@ def test_resource_from_service_name_and_resource_attributes(
 
 
 def test_default_service_name_is_tokenheap() -> None:
-    providers = setup_telemetry(shutdown_on_exit=False)
+    providers = setup_telemetry(shutdown_on_exit=False, span_exporters=[InMemorySpanExporter()])
     assert isinstance(providers.tracer_provider, TracerProvider)
     assert providers.tracer_provider.resource.attributes["service.name"] == "tokenheap"
-    assert providers.exporters == ()  # nothing configured: nothing exported
+    providers.shutdown()
+
+
+def test_nothing_configured_records_nothing() -> None:
+    """No exporter for either signal: the API's no-op providers, not SDK ones recording
+    into the void; the incoming trace context still carries through to outgoing headers."""
+    providers = setup_telemetry(shutdown_on_exit=False)
+    assert isinstance(providers.tracer_provider, trace.NoOpTracerProvider)
+    assert isinstance(providers.meter_provider, metrics.NoOpMeterProvider)
+    assert (providers.enabled, providers.exporters) == (False, ())
+    tel = build_telemetry(providers=providers, set_global=False)
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = [("traceparent", parent.encode())]
+    with (
+        tel.process(topic="t", partition=0, offset=0, group="g", key=None, headers=headers),
+        tel.send(topic="out"),
+    ):
+        out = dict(tel.outgoing_headers())
+    assert out["traceparent"] == parent.encode()
+
+
+@pytest.mark.parametrize("recorded", ["traces", "metrics"])
+def test_a_signal_without_an_exporter_is_a_no_op(
+    monkeypatch: pytest.MonkeyPatch, recorded: str
+) -> None:
+    monkeypatch.setenv(f"OTEL_{recorded.upper()}_EXPORTER", "console")
+    providers = setup_telemetry(shutdown_on_exit=False)
+    sdk_tracer = isinstance(providers.tracer_provider, TracerProvider)
+    sdk_meter = isinstance(providers.meter_provider, MeterProvider)
+    assert (sdk_tracer, sdk_meter) == (recorded == "traces", recorded == "metrics")
+    assert providers.enabled
     providers.shutdown()
 
 
