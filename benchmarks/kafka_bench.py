@@ -14,23 +14,30 @@ throughput  N requests are loaded first, then the system starts; the rate counts
             second worker causes do not count) up to 90% of them (nor does the tail).
 latency     the system runs idle, then requests arrive at a fixed rate; time from send to
             the output arriving at a read_committed reader in this process; p50 and p99. Two
-            rates, the same for every system: half the slowest at-least-once system's
-            throughput (every system keeps up), and half the passthrough's (the goal: a
-            worker that keeps up there has at least half the passthrough's throughput).
+            rates, the same for every system: half the slowest plain worker's throughput
+            (those keep up; the exactly-once and exporting rows may not), and half the
+            passthrough's (the goal: a worker that keeps up there has at least half the
+            passthrough's throughput).
 --base-tree another checkout of tokenheap (e.g. `git worktree add --detach DIR <commit>`):
             its worker runs beside this tree's, rows interleaved, each system started with
             PYTHONPATH and the working directory of its own tree.
 --rounds    every measurement repeated, the systems interleaved in each round; medians.
-All but the last row are at-least-once (acked produce, then commit); the exactly-once row
-shows what transactions cost (results become visible when the transaction commits, once
-per commit interval). Figures are machine-bound (2 cores share the broker, the systems and
-this driver): quote ratios.
+All worker rows but the exactly-once one are at-least-once (acked produce, then commit);
+the exactly-once row shows what transactions cost (results become visible when the
+transaction commits, once per commit interval). Workers run with OTEL_SDK_DISABLED=true but
+the "exporting OTLP" row, whose worker sends its traces and metrics over OTLP/HTTP to a
+local endpoint that reads and discards them (a collector's own work left out): what
+telemetry costs the worker. CPU per request is the system's processes' user + system time
+(Linux /proc) over the counted throughput window, divided by the outputs in it: steadier
+than a rate on a shared machine. Figures are machine-bound (2 cores share the broker, the
+systems and this driver): quote ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import json
 import os
@@ -41,8 +48,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -61,6 +69,8 @@ PARTITIONS = 6
 READY_TIMEOUT_S = 90.0
 RUN_TIMEOUT_S = 600.0
 MIN_WINDOW_S = 0.5
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+CPU_SAMPLE_S = 0.05
 """Shortest counted window a throughput is worth quoting from (the passthrough gets through
 the middle 80% of 12,000 requests in about a second)."""
 
@@ -224,7 +234,13 @@ class System:
     """`processes` copies of one contender, each a child process."""
 
     def __init__(
-        self, kind: str, processes: int, bootstrap: str, logs: Path, tree: Path | None = None
+        self,
+        kind: str,
+        processes: int,
+        bootstrap: str,
+        logs: Path,
+        tree: Path | None = None,
+        otlp_endpoint: str | None = None,
     ) -> None:
         self.kind = kind
         self.processes = processes
@@ -232,6 +248,8 @@ class System:
         self.logs = logs
         self.tree = tree
         """Another checkout whose worker this is (None: this tree's)."""
+        self.otlp_endpoint = otlp_endpoint
+        """Where a `worker-otlp` sends its traces and metrics."""
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ports: list[int] = []
 
@@ -241,6 +259,7 @@ class System:
             "passthrough": "aiokafka passthrough",
             "worker": "tokenheap worker",
             "worker-eos": "tokenheap worker, exactly-once",
+            "worker-otlp": "tokenheap worker, exporting OTLP",
         }[self.kind]
         base = f" ({self.tree.name})" if self.tree is not None else ""
         return f"{name}{base} x{self.processes}"
@@ -265,6 +284,12 @@ class System:
                 )
                 if self.kind == "worker-eos":
                     env["TOKENHEAP_DELIVERY"] = "exactly-once"
+                if self.kind == "worker-otlp":
+                    if self.otlp_endpoint is None:
+                        raise ValueError("a worker-otlp system needs an OTLP endpoint")
+                    env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
+                    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp_endpoint
+                    env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
                 if self.tree is not None:
                     env["PYTHONPATH"] = str(self.tree)
                     cwd = self.tree
@@ -365,22 +390,68 @@ async def fresh_topics(bootstrap: str) -> Topics:
     return t
 
 
-async def throughput(system: System, values: Sequence[bytes]) -> tuple[float, float, float]:
-    """(requests/s, seconds from start to ready, and to full speed): the rate from a
-    preloaded backlog, counted once every process owns partitions (a second worker joining
-    triggers a rebalance) and counts at full speed (a worker's fastokens loads behind it),
-    up to 90% of the outputs."""
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds these processes have used so far (Linux /proc; a process
+    that is gone, or a system without /proc, counts 0)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+class CpuTrace:
+    """The system's CPU seconds sampled while it runs, read back at any moment in between."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self._pids = list(pids)
+        self.at: list[float] = []
+        self.cpu: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> CpuTrace:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            self.at.append(time.perf_counter())
+            self.cpu.append(cpu_seconds(self._pids))
+            await asyncio.sleep(CPU_SAMPLE_S)
+
+    def between(self, start: float, end: float) -> float:
+        """CPU seconds used from `start` to `end`, each read at the nearest sample."""
+
+        def near(t: float) -> float:
+            i = min(max(bisect.bisect_left(self.at, t), 0), len(self.at) - 1)
+            return self.cpu[i]
+
+        return near(end) - near(start) if self.at else 0.0
+
+
+async def throughput(system: System, values: Sequence[bytes]) -> tuple[float, float, float, float]:
+    """(requests/s, seconds from start to ready, and to full speed, CPU ms per request): the
+    rate from a preloaded backlog, counted once every process owns partitions (a second
+    worker joining triggers a rebalance) and counts at full speed (a worker's fastokens loads
+    behind it), up to 90% of the outputs; the CPU of the system's processes over the same
+    window."""
     t = await fresh_topics(system.bootstrap)
     await produce_all(system.bootstrap, t.src, values)
     async with Arrivals(system.bootstrap, t.dst) as out:
         started = time.perf_counter()
         system.start(t)
         try:
-            await system.ready(t)
-            ready_at = time.perf_counter()
-            await system.warm()
-            warm_at = time.perf_counter()
-            await out.wait(len(values))
+            with CpuTrace([p.pid for p in system.procs]) as cpu:
+                await system.ready(t)
+                ready_at = time.perf_counter()
+                await system.warm()
+                warm_at = time.perf_counter()
+                await out.wait(len(values))
         finally:
             system.stop()
     times = sorted(out.at.values())
@@ -392,7 +463,8 @@ async def throughput(system: System, values: Sequence[bytes]) -> tuple[float, fl
             f"{system.label}: only {counted} outputs after all processes were ready; "
             "raise --requests"
         )
-    return counted / (end - start), ready_at - started, warm_at - started
+    cpu_ms = 1000 * cpu.between(start, end) / counted
+    return counted / (end - start), ready_at - started, warm_at - started, cpu_ms
 
 
 async def latency(system: System, values: Sequence[bytes], rate: float) -> tuple[float, float]:
@@ -430,16 +502,18 @@ class Row:
     """Seconds from the process start to ready (/readyz), median."""
     warm: float = 0.0
     """... and to counting at full speed (fastokens loaded behind), median."""
+    cpu_ms: float = 0.0
+    """CPU of the system's processes per request over the throughput window, median."""
 
 
-def contenders(bootstrap: str, logs: Path, base: Path | None) -> list[System]:
+def contenders(bootstrap: str, logs: Path, base: Path | None, otlp_endpoint: str) -> list[System]:
     """The passthrough, then each worker configuration: the base tree's (if given) right
     before this tree's, so the two are measured next to each other."""
     systems = [System("passthrough", 1, bootstrap, logs)]
-    for kind, processes in (("worker", 1), ("worker", 2), ("worker-eos", 1)):
-        if base is not None:
-            systems.append(System(kind, processes, bootstrap, logs, base))
-        systems.append(System(kind, processes, bootstrap, logs))
+    kinds = (("worker", 1), ("worker", 2), ("worker-eos", 1), ("worker-otlp", 1))
+    for kind, processes in kinds:
+        for tree in (base, None) if base is not None else (None,):
+            systems.append(System(kind, processes, bootstrap, logs, tree, otlp_endpoint))
     return systems
 
 
@@ -450,26 +524,28 @@ async def bench(
     logs: Path,
     base: Path | None = None,
     rounds: int = 1,
+    otlp_endpoint: str = "",
 ) -> list[Row]:
     values = [build_request(i) for i in range(n)]
     size = statistics.mean(len(v) for v in values)
     print(f"{n} requests, {size / 1024:.1f} KB each on average, {PARTITIONS} partitions")
-    systems = contenders(bootstrap, logs, base)
+    systems = contenders(bootstrap, logs, base, otlp_endpoint)
     rows = [Row(s.label, s.kind) for s in systems]
-    rates: list[list[tuple[float, float, float]]] = [[] for _ in systems]
+    rates: list[list[tuple[float, float, float, float]]] = [[] for _ in systems]
     for _ in range(rounds):
         for system, seen in zip(systems, rates, strict=True):
-            rate, ready_s, warm_s = await throughput(system, values)
-            seen.append((rate, ready_s, warm_s))
+            rate, ready_s, warm_s, cpu_ms = await throughput(system, values)
+            seen.append((rate, ready_s, warm_s, cpu_ms))
             print(
-                f"  throughput  {system.label:<40} {rate:8.0f} req/s  "
+                f"  throughput  {system.label:<40} {rate:8.0f} req/s  {cpu_ms:.3f} CPU ms/req  "
                 f"(ready in {ready_s:.1f} s, full speed in {warm_s:.1f} s)"
             )
     for row, seen in zip(rows, rates, strict=True):
         row.rate = statistics.median(x[0] for x in seen)
         row.ready = statistics.median(x[1] for x in seen)
         row.warm = statistics.median(x[2] for x in seen)
-    slowest = 0.5 * min(r.rate for r in rows if r.kind != "worker-eos")
+        row.cpu_ms = statistics.median(x[3] for x in seen)
+    slowest = 0.5 * min(r.rate for r in rows if r.kind == "worker")
     half = 0.5 * rows[0].rate
     for at_half, rate, what in (
         (False, slowest, "half the slowest throughput"),
@@ -494,22 +570,24 @@ async def bench(
 
 def table(rows: list[Row]) -> str:
     base = rows[0]
-    slowest = 0.5 * min(r.rate for r in rows if r.kind != "worker-eos")
+    slowest = 0.5 * min(r.rate for r in rows if r.kind == "worker")
     lines = [
-        f"| system | req/s | vs passthrough | p50 ms | p99 ms | p50 vs passthrough "
-        f"| p50 / p99 ms at {base.rate / 2:.0f} req/s | start to ready | to full speed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| system | req/s | vs passthrough | CPU ms / request | CPU vs passthrough | p50 ms "
+        f"| p99 ms | p50 vs passthrough | p50 / p99 ms at {base.rate / 2:.0f} req/s "
+        "| start to ready | to full speed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        cpu_x = r.cpu_ms / base.cpu_ms if base.cpu_ms else 0.0
         lines.append(
-            f"| {r.label} | {r.rate:.0f} | {r.rate / base.rate:.2f}x | {r.p50:.1f} | "
-            f"{r.p99:.1f} | {r.p50 / base.p50:.2f}x | {r.half_p50:.1f} / {r.half_p99:.1f} "
-            f"| {r.ready:.1f} s | {r.warm:.1f} s |"
+            f"| {r.label} | {r.rate:.0f} | {r.rate / base.rate:.2f}x | {r.cpu_ms:.3f} | "
+            f"{cpu_x:.2f}x | {r.p50:.1f} | {r.p99:.1f} | {r.p50 / base.p50:.2f}x | "
+            f"{r.half_p50:.1f} / {r.half_p99:.1f} | {r.ready:.1f} s | {r.warm:.1f} s |"
         )
     lines.append("")
     lines.append(
-        f"p50, p99 at {slowest:.0f} req/s (half the slowest at-least-once throughput); the "
-        "last column at half the passthrough's throughput."
+        f"p50, p99 at {slowest:.0f} req/s (half the slowest plain at-least-once worker's "
+        "throughput); the next column at half the passthrough's throughput."
     )
     for suffix in sorted({r.label.split(" x")[0].removeprefix("tokenheap worker") for r in rows
                           if r.kind == "worker"}):  # fmt: skip
@@ -520,6 +598,49 @@ def table(rows: list[Row]) -> str:
             f"p50 {two.p50 / one.p50:.2f}x, p99 {two.p99 / one.p99:.2f}x"
         )
     return "\n".join(lines)
+
+
+# -- the OTLP endpoint ------------------------------------------------------------------
+
+
+class _Discard(BaseHTTPRequestHandler):
+    """Reads an OTLP/HTTP export and answers 200 with an empty (valid) protobuf response."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def otlp_sink(port_file: Path) -> None:
+    """(internal) An OTLP/HTTP endpoint in a process of its own: what the worker pays to
+    export its telemetry, without a collector's own work in the figures."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Discard)
+    port_file.write_text(str(server.server_address[1]))
+    server.serve_forever()
+
+
+@contextlib.contextmanager
+def sink_process(logs: Path) -> Iterator[str]:
+    """Starts `otlp_sink` as a child; yields its endpoint URL."""
+    port_file = logs / "otlp-sink.port"
+    cmd = [sys.executable, "-m", "benchmarks.kafka_bench", "otlp-sink", "--port-file"]
+    proc = subprocess.Popen([*cmd, str(port_file)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the OTLP sink did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port_file.read_text()}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 # -- the passthrough contender ----------------------------------------------------------
@@ -582,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pt.add_argument("--dst", required=True)
     pt.add_argument("--group", required=True)
     pt.add_argument("--ready-file", type=Path, required=True)
+    sk = sub.add_parser("otlp-sink", help="(internal) an OTLP/HTTP endpoint that discards")
+    sk.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--requests", type=int, default=8000)
     parser.add_argument("--latency-requests", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1)
@@ -594,8 +717,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "passthrough":
         asyncio.run(passthrough(args.bootstrap, args.src, args.dst, args.group, args.ready_file))
         return 0
+    if args.cmd == "otlp-sink":
+        otlp_sink(args.port_file)
+        return 0
     broker_module = load_broker()
-    with tempfile.TemporaryDirectory(prefix="kafka-bench-") as tmp, broker_module.Broker() as b:
+    with (
+        tempfile.TemporaryDirectory(prefix="kafka-bench-") as tmp,
+        broker_module.Broker() as b,
+        sink_process(Path(tmp)) as otlp,
+    ):
         print(f"broker {b.bootstrap} (started in {b.startup_seconds:.1f} s)")
         rows = asyncio.run(
             bench(
@@ -605,6 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Path(tmp),
                 args.base_tree,
                 args.rounds,
+                otlp,
             )
         )
     print()
