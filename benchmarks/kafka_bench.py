@@ -241,6 +241,7 @@ class System:
         logs: Path,
         tree: Path | None = None,
         otlp_endpoint: str | None = None,
+        otel: dict[str, str] | None = None,
     ) -> None:
         self.kind = kind
         self.processes = processes
@@ -250,6 +251,9 @@ class System:
         """Another checkout whose worker this is (None: this tree's)."""
         self.otlp_endpoint = otlp_endpoint
         """Where a `worker-otlp` sends its traces and metrics."""
+        self.otel = otel
+        """A worker's OTEL_* variables (None: OTEL_SDK_DISABLED=true; `worker-otlp`: OTLP
+        to `otlp_endpoint`)."""
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ports: list[int] = []
 
@@ -284,12 +288,16 @@ class System:
                 )
                 if self.kind == "worker-eos":
                     env["TOKENHEAP_DELIVERY"] = "exactly-once"
+                otel = self.otel
                 if self.kind == "worker-otlp":
                     if self.otlp_endpoint is None:
                         raise ValueError("a worker-otlp system needs an OTLP endpoint")
+                    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint}
+                if otel is not None:
                     env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
-                    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp_endpoint
-                    env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
+                    if "OTEL_EXPORTER_OTLP_ENDPOINT" in otel:
+                        env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
+                    env.update(otel)
                 if self.tree is not None:
                     env["PYTHONPATH"] = str(self.tree)
                     cwd = self.tree
