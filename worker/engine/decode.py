@@ -59,7 +59,7 @@ def check_limits(req: AssemblyRequest, limits: Limits, size: int | None = None) 
     """`size`: the UTF-8 bytes of the JSON the request was decoded from, when it was. No
     text in it can have more characters than that (a character is at least one byte, an
     escape more), so a request no bigger than the item limit skips the walk over its texts
-    (engine_bench: 0.97x the CPU per request)."""
+    (~11 us of a resent 32 KB conversation's ~0.4 ms, timed alone)."""
     if len(req.history) > limits.max_history_turns:
         raise RequestTooLarge(
             f"{req.request_id}: {len(req.history)} history turns, limit {limits.max_history_turns}"
