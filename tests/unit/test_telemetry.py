@@ -849,20 +849,49 @@ def test_default_service_name_is_tokenheap() -> None:
 
 def test_nothing_configured_records_nothing() -> None:
     """No exporter for either signal: the API's no-op providers, not SDK ones recording
-    into the void; the incoming trace context still carries through to outgoing headers."""
+    into the void. Each record still gets a span id of its own in the caller's trace (and a
+    trace of its own when it came without one), as an SDK span would have given it."""
     providers = setup_telemetry(shutdown_on_exit=False)
     assert isinstance(providers.tracer_provider, trace.NoOpTracerProvider)
     assert isinstance(providers.meter_provider, metrics.NoOpMeterProvider)
-    assert (providers.enabled, providers.exporters) == (False, ())
+    assert (providers.enabled, providers.exporters, providers.own_ids) == (False, (), True)
     tel = build_telemetry(providers=providers, set_global=False)
-    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    headers = [("traceparent", parent.encode())]
+
+    def outgoing(headers: list[tuple[str, bytes]]) -> list[str]:
+        with (
+            tel.process(topic="t", partition=0, offset=0, group="g", key=None, headers=headers),
+            tel.send(topic="out"),
+        ):
+            current = trace.get_current_span().get_span_context()
+            out = dict(tel.outgoing_headers())
+        version, trace_id, span_id, flags = out["traceparent"].decode().split("-")
+        assert (int(trace_id, 16), int(span_id, 16)) == (current.trace_id, current.span_id)
+        assert not trace.get_current_span().get_span_context().is_valid  # detached after
+        return [version, trace_id, span_id, flags]
+
+    caller = ["00", "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", "00"]
+    mine = outgoing([("traceparent", "-".join(caller).encode())])
+    assert mine[1] == caller[1] and mine[2] != caller[2] and mine[3] == caller[3]
+    first, second = outgoing([]), outgoing([])
+    assert first[1] != second[1] and first[3] == second[3] == "01"
+
+
+def test_sdk_disabled_carries_the_callers_context_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    providers = setup_telemetry(shutdown_on_exit=False)
+    assert not providers.own_ids
+    tel = build_telemetry(providers=providers, set_global=False)
+    parent = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = [("traceparent", parent)]
     with (
         tel.process(topic="t", partition=0, offset=0, group="g", key=None, headers=headers),
         tel.send(topic="out"),
     ):
-        out = dict(tel.outgoing_headers())
-    assert out["traceparent"] == parent.encode()
+        assert dict(tel.outgoing_headers())["traceparent"] == parent
+    with tel.process(topic="t", partition=0, offset=1, group="g", key=None, headers=[]):
+        assert "traceparent" not in dict(tel.outgoing_headers())
 
 
 @pytest.mark.parametrize("recorded", ["traces", "metrics"])
@@ -875,6 +904,7 @@ def test_a_signal_without_an_exporter_is_a_no_op(
     sdk_meter = isinstance(providers.meter_provider, MeterProvider)
     assert (sdk_tracer, sdk_meter) == (recorded == "traces", recorded == "metrics")
     assert providers.enabled
+    assert providers.own_ids == (recorded == "metrics")  # spans not recorded: own ids
     providers.shutdown()
 
 

@@ -27,7 +27,8 @@ from typing import Final
 from opentelemetry import context as context_api
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
 from opentelemetry.util.types import AttributeValue
 
 from worker.catalog import Catalog, Profile
@@ -61,6 +62,21 @@ class _Processing:
     error_type: str | None = None
 
 
+_IDS = RandomIdGenerator()
+
+
+def _own_span(parent: SpanContext) -> NonRecordingSpan:
+    """A span context of a record's own, recorded nowhere: in the parent's trace (sampled
+    or not as it was), else in a new sampled one, with a new span id: what an SDK span
+    with no processor would have carried, at the cost of two random numbers."""
+    if parent.is_valid:
+        trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
+    else:
+        trace_id, flags, state = _IDS.generate_trace_id(), TraceFlags(TraceFlags.SAMPLED), None
+    own = SpanContext(trace_id, _IDS.generate_span_id(), False, flags, state)
+    return NonRecordingSpan(own)
+
+
 class OtelTelemetry:
     """Spans, metrics, alerts and the request log line, behind the `Telemetry` protocol."""
 
@@ -79,9 +95,13 @@ class OtelTelemetry:
     ) -> None:
         self._tracer = tracer_provider.get_tracer(names.SCOPE)
         self._tracing = not isinstance(self._tracer, trace.NoOpTracer)
-        """False under no-op providers (OTEL_SDK_DISABLED): `process` and `send` then only
-        carry the trace context through, which is all a no-op span would do, without
-        building and attaching spans for every record."""
+        """False under a no-op tracer provider (OTEL_SDK_DISABLED, or no trace exporter):
+        `process` and `send` then only carry the trace context through, which is all a
+        no-op span would do, without building and attaching spans for every record."""
+        self._own_ids = providers.own_ids if providers is not None else False
+        """No trace exporter, SDK not disabled: `process` still gives each record a span
+        context of its own (`_own_span`), recorded nowhere, so messages and log lines carry
+        the ids an SDK span would have given them."""
         self._metering = not isinstance(meter_provider, metrics.NoOpMeterProvider)
         """False under a no-op meter provider: nothing to record, so the per-result
         attribute dictionaries are not built either."""
@@ -157,8 +177,12 @@ class OtelTelemetry:
         and in `outgoing_headers`, baggage included); the duration metric as always."""
         parent = propagate.extract(headers, context=Context(), getter=spans.KAFKA_GETTER)
         started = time.perf_counter()
+        span = trace.get_current_span(parent)
+        if self._own_ids:
+            span = _own_span(span.get_span_context())
+            parent = trace.set_span_in_context(span, parent)
         token = context_api.attach(parent)
-        state = _Processing(trace.get_current_span(parent))
+        state = _Processing(span)
         state_token = self._processing.set(state)
         try:
             yield state.span
