@@ -150,6 +150,22 @@ def test_a_request_within_the_item_limit_skips_the_walk_and_misses_nothing(
         decode_request(raw, limits)
 
 
+def test_the_walk_is_skipped_only_when_the_request_is_within_the_item_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import worker.engine.decode as decode
+
+    def walked(req: object) -> int:
+        raise AssertionError("walked")
+
+    monkeypatch.setattr(decode, "_longest", walked)
+    text = json.dumps({**BASE, "query": "q" * 50})
+    size = len(text.encode("utf-8"))
+    decode_request(text, Limits(max_item_chars=size))  # not walked
+    with pytest.raises(AssertionError, match="walked"):
+        decode_request(text, Limits(max_item_chars=size - 1))
+
+
 @pytest.mark.parametrize("text", ["a" * 60, "é" * 30, "😀" * 15])
 def test_byte_limit_counts_utf8_bytes_of_a_str(text: str) -> None:
     doc = json.dumps({**BASE, "system": text}, ensure_ascii=False)
