@@ -433,7 +433,8 @@ class CpuTrace:
             await asyncio.sleep(CPU_SAMPLE_S)
 
     def between(self, start: float, end: float) -> float:
-        """CPU seconds used from `start` to `end`, each read at the nearest sample."""
+        """CPU seconds used from `start` to `end`, each read at the first sample at or after
+        it (both edges late by under CPU_SAMPLE_S, alike)."""
 
         def near(t: float) -> float:
             i = min(max(bisect.bisect_left(self.at, t), 0), len(self.at) - 1)
@@ -612,7 +613,10 @@ def table(rows: list[Row]) -> str:
 
 
 class _Discard(BaseHTTPRequestHandler):
-    """Reads an OTLP/HTTP export and answers 200 with an empty (valid) protobuf response."""
+    """Reads an OTLP/HTTP export and answers 200 with an empty (valid) protobuf response,
+    keeping the connection open as a collector would (the exporter reuses one session)."""
+
+    protocol_version = "HTTP/1.1"
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -648,7 +652,11 @@ def sink_process(logs: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port_file.read_text()}"
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 # -- the passthrough contender ----------------------------------------------------------
