@@ -21,7 +21,8 @@ latency     the system runs idle, then requests arrive at a fixed rate; time fro
 --base-tree another checkout of tokenheap (e.g. `git worktree add --detach DIR <commit>`):
             its worker runs beside this tree's, rows interleaved, each system started with
             PYTHONPATH and the working directory of its own tree.
---rounds    every measurement repeated, the systems interleaved in each round; medians.
+--rounds    every measurement repeated, the systems interleaved in each round (a base tree's
+            system and this tree's swap places every other round); medians.
 All worker rows but the exactly-once one are at-least-once (acked produce, then commit);
 the exactly-once row shows what transactions cost (results become visible when the
 transaction commits, once per commit interval). Workers run with OTEL_SDK_DISABLED=true but
@@ -526,6 +527,21 @@ def contenders(bootstrap: str, logs: Path, base: Path | None, otlp_endpoint: str
     return systems
 
 
+def round_order(systems: Sequence[System], r: int) -> list[int]:
+    """The order systems run in round `r`: as listed in even rounds; in odd ones each base
+    tree's system and this tree's swap places, so neither always runs right after the
+    other (an order effect of the machine then cancels in the medians instead of siding
+    with one tree: one run showed a 2x latency difference that alternating removed)."""
+    order = list(range(len(systems)))
+    if r % 2:
+        for i in range(len(systems) - 1):
+            a, b = systems[i], systems[i + 1]
+            pair = (a.kind, a.processes) == (b.kind, b.processes)
+            if pair and a.tree is not None and b.tree is None:
+                order[i], order[i + 1] = i + 1, i
+    return order
+
+
 async def bench(
     bootstrap: str,
     n: int,
@@ -541,8 +557,9 @@ async def bench(
     systems = contenders(bootstrap, logs, base, otlp_endpoint)
     rows = [Row(s.label, s.kind) for s in systems]
     rates: list[list[tuple[float, float, float, float]]] = [[] for _ in systems]
-    for _ in range(rounds):
-        for system, seen in zip(systems, rates, strict=True):
+    for r in range(rounds):
+        for i in round_order(systems, r):
+            system, seen = systems[i], rates[i]
             rate, ready_s, warm_s, cpu_ms = await throughput(system, values)
             seen.append((rate, ready_s, warm_s, cpu_ms))
             print(
@@ -562,8 +579,9 @@ async def bench(
     ):
         print(f"latency at {rate:.0f} req/s ({what})")
         seen_ms: list[list[tuple[float, float]]] = [[] for _ in systems]
-        for _ in range(rounds):
-            for system, pairs in zip(systems, seen_ms, strict=True):
+        for r in range(rounds):
+            for i in round_order(systems, r):
+                system, pairs = systems[i], seen_ms[i]
                 p50, p99 = await latency(system, values[:n_latency], rate)
                 pairs.append((p50, p99))
                 print(f"  latency     {system.label:<40} p50 {p50:7.1f} ms  p99 {p99:7.1f} ms")
