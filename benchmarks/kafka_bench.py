@@ -70,10 +70,11 @@ PARTITIONS = 6
 READY_TIMEOUT_S = 90.0
 RUN_TIMEOUT_S = 600.0
 MIN_WINDOW_S = 0.5
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-CPU_SAMPLE_S = 0.05
 """Shortest counted window a throughput is worth quoting from (the passthrough gets through
 the middle 80% of 12,000 requests in about a second)."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+CPU_SAMPLE_S = 0.05
+"""How often a system's CPU time is read during a throughput run."""
 
 
 # -- workload ---------------------------------------------------------------------------
@@ -241,7 +242,6 @@ class System:
         bootstrap: str,
         logs: Path,
         tree: Path | None = None,
-        otlp_endpoint: str | None = None,
         otel: dict[str, str] | None = None,
     ) -> None:
         self.kind = kind
@@ -250,11 +250,8 @@ class System:
         self.logs = logs
         self.tree = tree
         """Another checkout whose worker this is (None: this tree's)."""
-        self.otlp_endpoint = otlp_endpoint
-        """Where a `worker-otlp` sends its traces and metrics."""
         self.otel = otel
-        """A worker's OTEL_* variables (None: OTEL_SDK_DISABLED=true; `worker-otlp`: OTLP
-        to `otlp_endpoint`)."""
+        """A worker's OTEL_* variables (None: OTEL_SDK_DISABLED=true)."""
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ports: list[int] = []
 
@@ -289,16 +286,11 @@ class System:
                 )
                 if self.kind == "worker-eos":
                     env["TOKENHEAP_DELIVERY"] = "exactly-once"
-                otel = self.otel
-                if self.kind == "worker-otlp":
-                    if self.otlp_endpoint is None:
-                        raise ValueError("a worker-otlp system needs an OTLP endpoint")
-                    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": self.otlp_endpoint}
-                if otel is not None:
+                if self.otel is not None:
                     env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
-                    if "OTEL_EXPORTER_OTLP_ENDPOINT" in otel:
+                    if "OTEL_EXPORTER_OTLP_ENDPOINT" in self.otel:
                         env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
-                    env.update(otel)
+                    env.update(self.otel)
                 if self.tree is not None:
                     env["PYTHONPATH"] = str(self.tree)
                     cwd = self.tree
@@ -438,7 +430,7 @@ class CpuTrace:
         it (both edges late by under CPU_SAMPLE_S, alike)."""
 
         def near(t: float) -> float:
-            i = min(max(bisect.bisect_left(self.at, t), 0), len(self.at) - 1)
+            i = min(bisect.bisect_left(self.at, t), len(self.at) - 1)
             return self.cpu[i]
 
         return near(end) - near(start) if self.at else 0.0
@@ -520,10 +512,12 @@ def contenders(bootstrap: str, logs: Path, base: Path | None, otlp_endpoint: str
     """The passthrough, then each worker configuration: the base tree's (if given) right
     before this tree's, so the two are measured next to each other."""
     systems = [System("passthrough", 1, bootstrap, logs)]
+    exporting = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint}
     kinds = (("worker", 1), ("worker", 2), ("worker-eos", 1), ("worker-otlp", 1))
     for kind, processes in kinds:
+        otel = exporting if kind == "worker-otlp" else None
         for tree in (base, None) if base is not None else (None,):
-            systems.append(System(kind, processes, bootstrap, logs, tree, otlp_endpoint))
+            systems.append(System(kind, processes, bootstrap, logs, tree, otel))
     return systems
 
 
