@@ -15,7 +15,7 @@ Read here (the rest by the SDK and exporters themselves, as documented upstream)
 One deliberate difference from the spec: with no exporter variable set, `otlp` is used only
 when an OTLP endpoint is configured, so `tokenheap fit` on a laptop does not wait on a
 collector that is not there. A signal with no exporter is not recorded at all (the API's
-no-op provider), so a worker that exports nothing pays nothing for telemetry. Console
+no-op provider), so a worker that exports nothing pays next to nothing for it. Console
 output goes to stderr: stdout carries fit results.
 """
 
