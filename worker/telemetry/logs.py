@@ -129,6 +129,26 @@ def configure_logging(
     return handler
 
 
+class _ProcessTag(logging.Filter):
+    """`worker_process` on every record of a child of `TOKENHEAP_PROCESSES`, so the lines
+    the children write to the one stream say whose they are."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker_process = self.index
+        return True
+
+
+def tag_process(index: int) -> None:
+    """Mark every line the handler of `configure_logging` writes as child `index`'s."""
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == "tokenheap":
+            handler.addFilter(_ProcessTag(index))
+
+
 def result_fields(result: FitResult, duration_s: float) -> dict[str, Any]:
     """The ledger fields of one result: ids, tokens per slot, budget, drops, alert types."""
     fields: dict[str, Any] = {

@@ -512,15 +512,19 @@ def build_telemetry(
     max_attribute_values: int = 100,
     set_global: bool = True,
     providers: TelemetryProviders | None = None,
+    process_index: int | None = None,
 ) -> OtelTelemetry:
     """The process's telemetry: providers from the OTEL_* environment (unless given).
 
     `catalog` gives profile alert thresholds; `anthropic` the count-call counters: the
     AnthropicCounter, or a function returning it once the engine has made it (both
     optional). Call `.shutdown()` once at exit: it flushes spans and a last metric export.
+    `process_index`: this is that child of `TOKENHEAP_PROCESSES` (its own service instance).
     """
     if providers is None:
-        providers = setup_telemetry(service_name=service_name, set_global=set_global)
+        providers = setup_telemetry(
+            service_name=service_name, set_global=set_global, process_index=process_index
+        )
     return OtelTelemetry(
         tracer_provider=providers.tracer_provider,
         meter_provider=providers.meter_provider,

@@ -25,6 +25,7 @@ import atexit
 import os
 import sys
 import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -38,7 +39,12 @@ from opentelemetry.sdk.metrics.export import (
     MetricReader,
     PeriodicExportingMetricReader,
 )
-from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.resources import (
+    SERVICE_INSTANCE_ID,
+    SERVICE_NAME,
+    SERVICE_VERSION,
+    Resource,
+)
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -114,6 +120,7 @@ def setup_telemetry(
     shutdown_on_exit: bool = True,
     span_exporters: Sequence[SpanExporter] = (),
     metric_readers: Sequence[MetricReader] = (),
+    process_index: int | None = None,
 ) -> TelemetryProviders:
     """Providers configured from the environment.
 
@@ -133,7 +140,7 @@ def setup_telemetry(
     # 1.4-1.7x its CPU per request (measured, kafka_bench's requests). Untraced records
     # still get span ids of their own (`own_ids`, OtelTelemetry's no-op path).
     recorded = bool(processors or readers)
-    resource = build_resource(service_name) if recorded else None
+    resource = build_resource(service_name, process_index) if recorded else None
     tracer_provider: trace.TracerProvider = trace.NoOpTracerProvider()
     if processors:
         sdk_tracer = TracerProvider(resource=resource, shutdown_on_exit=False)
@@ -158,13 +165,28 @@ def setup_telemetry(
     return providers
 
 
-def build_resource(service_name: str = DEFAULT_SERVICE_NAME) -> Resource:
+def build_resource(
+    service_name: str = DEFAULT_SERVICE_NAME, process_index: int | None = None
+) -> Resource:
     """`service.name`/`service.version` defaults under what OTEL_SERVICE_NAME and
-    OTEL_RESOURCE_ATTRIBUTES say (those win)."""
+    OTEL_RESOURCE_ATTRIBUTES say (those win).
+
+    A child of `TOKENHEAP_PROCESSES` (`process_index`) is a service instance of its own:
+    its siblings share the pod and so every attribute a collector would add, and N
+    processes exporting cumulative counters under one identity would overwrite each
+    other's series. An id given in OTEL_RESOURCE_ATTRIBUTES gets the child's number
+    (`<id>-<index>`); none given, the SDK's own (a UUID per process) stands, or a UUID of
+    ours from an SDK that makes none."""
     detected = Resource.create()
     attrs = dict(detected.attributes)
     if str(attrs.get(SERVICE_NAME, "")).startswith("unknown_service"):
         del attrs[SERVICE_NAME]
+    if process_index is not None:
+        given = os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+        if SERVICE_INSTANCE_ID in given and attrs.get(SERVICE_INSTANCE_ID):
+            attrs[SERVICE_INSTANCE_ID] = f"{attrs[SERVICE_INSTANCE_ID]}-{process_index}"
+        elif not attrs.get(SERVICE_INSTANCE_ID):
+            attrs[SERVICE_INSTANCE_ID] = str(uuid.uuid4())
     defaults = Resource({SERVICE_NAME: service_name, SERVICE_VERSION: _version()})
     return defaults.merge(Resource(attrs, detected.schema_url))
 
