@@ -8,7 +8,8 @@ seconds to load o200k_base: worth it for a long-running worker, not for a short 
 from __future__ import annotations
 
 import array
-from typing import Literal, Protocol
+from functools import cache
+from typing import Any, Literal, Protocol
 
 import tiktoken
 
@@ -54,12 +55,7 @@ class FastokensBackend:
     inline_chars = 16 * 1024
 
     def __init__(self, encoding_name: str) -> None:
-        import fastokens
-
-        verified_bytes(encoding_name)  # fastokens does not check the file itself
-        self._tok = fastokens.Tokenizer.from_tiktoken(
-            str(vocab_path(encoding_name)), encoding=encoding_name
-        )
+        self._tok = fastokens_tokenizer(encoding_name)
         self.name = f"fastokens:{encoding_name}"
 
     def count_many(self, texts: list[str]) -> list[int]:
@@ -72,6 +68,16 @@ class FastokensBackend:
         ends = array.array("Q")
         ends.frombytes(offsets)
         return [ends[i + 1] - ends[i] for i in range(len(texts))]
+
+
+@cache
+def fastokens_tokenizer(encoding_name: str) -> Any:
+    """The fastokens tokenizer of a shipped vocabulary, built once per process (seconds):
+    a `TOKENHEAP_PROCESSES` parent builds it before forking, and its children share it."""
+    import fastokens
+
+    verified_bytes(encoding_name)  # fastokens does not check the file itself
+    return fastokens.Tokenizer.from_tiktoken(str(vocab_path(encoding_name)), encoding=encoding_name)
 
 
 def _replace_surrogates(text: str) -> str:
