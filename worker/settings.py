@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a new group starts reading"
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Worker processes forked from one (each a core's worth; one health port)",
+    )
     max_in_flight: int = Field(256, ge=1, description="Messages being processed at once")
     max_in_flight_per_partition: int = Field(
         64, ge=1, description="Backpressure: pause a partition holding this many"

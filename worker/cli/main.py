@@ -509,13 +509,27 @@ async def _emit(
 
 
 def _worker(settings: Settings) -> int:
+    from worker.telemetry.logs import configure_logging
+
+    configure_logging(settings.log_level, json_lines=settings.log_format == "json")
+    if settings.processes > 1:
+        from worker.stream.processes import run_processes
+
+        return run_processes(settings, _worker_process)
+    return _worker_process(None, settings)
+
+
+def _worker_process(index: int | None, settings: Settings) -> int:
+    """One worker: the only one, or child `index` of `TOKENHEAP_PROCESSES` (its telemetry
+    made after the fork: an exporter's thread does not survive one)."""
     from worker.catalog import load_catalog
     from worker.stream.service import run_worker
-    from worker.telemetry.logs import configure_logging
+    from worker.telemetry.logs import tag_process
     from worker.telemetry.otel import build_telemetry
     from worker.telemetry.sustained import SustainedConfig
 
-    configure_logging(settings.log_level, json_lines=settings.log_format == "json")
+    if index is not None:
+        tag_process(index)
     telemetry = build_telemetry(
         catalog=load_catalog(settings.config_dir),
         max_attribute_values=settings.telemetry_max_attribute_values,
@@ -527,6 +541,7 @@ def _worker(settings: Settings) -> int:
             clear_below=settings.sustained_clear_below,
             max_keys=settings.sustained_max_keys,
         ),
+        process_index=index,
     )
     try:
         return run_worker(settings, telemetry)
