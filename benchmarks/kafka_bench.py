@@ -1,6 +1,6 @@
 """The worker on Kafka: throughput and end-to-end latency, against a bare aiokafka
-consume -> produce passthrough on the same broker, topics layout and messages; and 1 vs 2
-worker processes.
+consume -> produce passthrough on the same broker, topics layout and messages; 1 vs 2
+worker processes, and 2 started apart vs 2 forked from one (`TOKENHEAP_PROCESSES=2`).
 
     python -m benchmarks.kafka_bench [--requests 8000] [--latency-requests 1000]
                                      [--base-tree DIR] [--rounds 1]
@@ -29,8 +29,10 @@ transaction commits, once per commit interval). Workers run with OTEL_SDK_DISABL
 the "exporting OTLP" row, whose worker sends its traces and metrics over OTLP/HTTP to a
 local endpoint that reads and discards them (a collector's own work left out): what
 telemetry costs the worker. CPU per request is the system's processes' user + system time
-(Linux /proc) over the counted throughput window, divided by the outputs in it: steadier
-than a rate on a shared machine. Figures are machine-bound (2 cores share the broker, the
+(Linux /proc; a forked worker's children included) over the counted throughput window,
+divided by the outputs in it: steadier than a rate on a shared machine. Memory is their
+proportional set size together, halfway through the outputs (a page shared by a forked
+worker's children counts once over them). Figures are machine-bound (2 cores share the broker, the
 systems and this driver): quote ratios.
 """
 
@@ -49,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -233,7 +235,8 @@ class Topics:
 
 
 class System:
-    """`processes` copies of one contender, each a child process."""
+    """`processes` copies of one contender, each a child process; or, `forked`, one worker
+    process with `TOKENHEAP_PROCESSES=processes` (its children forked from it)."""
 
     def __init__(
         self,
@@ -243,9 +246,12 @@ class System:
         logs: Path,
         tree: Path | None = None,
         otel: dict[str, str] | None = None,
+        forked: bool = False,
     ) -> None:
         self.kind = kind
         self.processes = processes
+        self.forked = forked
+        self._children: list[int] = []
         self.bootstrap = bootstrap
         self.logs = logs
         self.tree = tree
@@ -264,10 +270,19 @@ class System:
             "worker-otlp": "tokenheap worker, exporting OTLP",
         }[self.kind]
         base = f" ({self.tree.name})" if self.tree is not None else ""
-        return f"{name}{base} x{self.processes}"
+        forked = ", forked" if self.forked else ""
+        return f"{name}{base}{forked} x{self.processes}"
+
+    def pids(self) -> list[int]:
+        """Every process of the system: a forked worker's children too, once they exist."""
+        pids = [p.pid for p in self.procs]
+        if self.forked and len(self._children) < self.processes:
+            self._children = children_of(pids)
+        return pids + self._children
 
     def start(self, t: Topics) -> None:
-        for n in range(self.processes):
+        self._children = []
+        for n in range(1 if self.forked else self.processes):
             log = open(self.logs / f"{self.kind}-{n}-{t.group}.log", "wb")  # noqa: SIM115
             cwd = ROOT
             if self.kind.startswith("worker"):
@@ -286,6 +301,8 @@ class System:
                 )
                 if self.kind == "worker-eos":
                     env["TOKENHEAP_DELIVERY"] = "exactly-once"
+                if self.forked:
+                    env["TOKENHEAP_PROCESSES"] = str(self.processes)
                 if self.otel is not None:
                     env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
                     if "OTEL_EXPORTER_OTLP_ENDPOINT" in self.otel:
@@ -402,11 +419,36 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total
 
 
+def children_of(pids: Sequence[int]) -> list[int]:
+    """The processes whose parent is one of `pids` (Linux /proc; none elsewhere)."""
+    parents = set(pids)
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) in parents:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def pss_mib(pids: Sequence[int]) -> float:
+    """The proportional set size of these processes together, MiB: each shared page counted
+    once over all that share it (Linux smaps_rollup; 0 where unreadable). A forked worker's
+    children share the pages their parent filled before the fork; apart, nothing is shared."""
+    kib = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    kib += int(line.split()[1])
+    return kib / 1024
+
+
 class CpuTrace:
     """The system's CPU seconds sampled while it runs, read back at any moment in between."""
 
-    def __init__(self, pids: Sequence[int]) -> None:
-        self._pids = list(pids)
+    def __init__(self, pids: Callable[[], Sequence[int]]) -> None:
+        self._pids = pids
+        """Asked at every sample: a forked worker's children appear after it starts."""
         self.at: list[float] = []
         self.cpu: list[float] = []
         self._task: asyncio.Task[None] | None = None
@@ -422,7 +464,7 @@ class CpuTrace:
     async def _run(self) -> None:
         while True:
             self.at.append(time.perf_counter())
-            self.cpu.append(cpu_seconds(self._pids))
+            self.cpu.append(cpu_seconds(self._pids()))
             await asyncio.sleep(CPU_SAMPLE_S)
 
     def between(self, start: float, end: float) -> float:
@@ -436,23 +478,37 @@ class CpuTrace:
         return near(end) - near(start) if self.at else 0.0
 
 
-async def throughput(system: System, values: Sequence[bytes]) -> tuple[float, float, float, float]:
-    """(requests/s, seconds from start to ready, and to full speed, CPU ms per request): the
-    rate from a preloaded backlog, counted once every process owns partitions (a second
-    worker joining triggers a rebalance) and counts at full speed (a worker's fastokens loads
-    behind it), up to 90% of the outputs; the CPU of the system's processes over the same
-    window."""
+@dataclass(frozen=True)
+class Throughput:
+    rate: float
+    """Requests per second, over the counted window."""
+    ready_s: float
+    """Seconds from start to ready, and (next) to full speed."""
+    warm_s: float
+    cpu_ms: float
+    """CPU of the system's processes per request over the window."""
+    pss_mib: float
+    """Memory of the system's processes together, halfway through the outputs."""
+
+
+async def throughput(system: System, values: Sequence[bytes]) -> Throughput:
+    """The rate from a preloaded backlog, counted once every process owns partitions (a
+    second worker joining triggers a rebalance) and counts at full speed (a worker's
+    fastokens loads behind it), up to 90% of the outputs; the CPU of the system's processes
+    over the same window; their memory (proportional set size) halfway."""
     t = await fresh_topics(system.bootstrap)
     await produce_all(system.bootstrap, t.src, values)
     async with Arrivals(system.bootstrap, t.dst) as out:
         started = time.perf_counter()
         system.start(t)
         try:
-            with CpuTrace([p.pid for p in system.procs]) as cpu:
+            with CpuTrace(system.pids) as cpu:
                 await system.ready(t)
                 ready_at = time.perf_counter()
                 await system.warm()
                 warm_at = time.perf_counter()
+                await out.wait(len(values) // 2)
+                pss = pss_mib(system.pids())  # mid-window, every vocabulary loaded
                 await out.wait(len(values))
         finally:
             system.stop()
@@ -466,7 +522,7 @@ async def throughput(system: System, values: Sequence[bytes]) -> tuple[float, fl
             "raise --requests"
         )
     cpu_ms = 1000 * cpu.between(start, end) / counted
-    return counted / (end - start), ready_at - started, warm_at - started, cpu_ms
+    return Throughput(counted / (end - start), ready_at - started, warm_at - started, cpu_ms, pss)
 
 
 async def latency(system: System, values: Sequence[bytes], rate: float) -> tuple[float, float]:
@@ -506,6 +562,8 @@ class Row:
     """... and to counting at full speed (fastokens loaded behind), median."""
     cpu_ms: float = 0.0
     """CPU of the system's processes per request over the throughput window, median."""
+    pss_mib: float = 0.0
+    """Their memory together (proportional set size) halfway through, median."""
 
 
 def contenders(bootstrap: str, logs: Path, base: Path | None, otlp_endpoint: str) -> list[System]:
@@ -518,6 +576,8 @@ def contenders(bootstrap: str, logs: Path, base: Path | None, otlp_endpoint: str
         otel = exporting if kind == "worker-otlp" else None
         for tree in (base, None) if base is not None else (None,):
             systems.append(System(kind, processes, bootstrap, logs, tree, otel))
+        if (kind, processes) == ("worker", 2):  # this tree's only: TOKENHEAP_PROCESSES is new
+            systems.append(System(kind, processes, bootstrap, logs, forked=True))
     return systems
 
 
@@ -550,21 +610,23 @@ async def bench(
     print(f"{n} requests, {size / 1024:.1f} KB each on average, {PARTITIONS} partitions")
     systems = contenders(bootstrap, logs, base, otlp_endpoint)
     rows = [Row(s.label, s.kind) for s in systems]
-    rates: list[list[tuple[float, float, float, float]]] = [[] for _ in systems]
+    rates: list[list[Throughput]] = [[] for _ in systems]
     for r in range(rounds):
         for i in round_order(systems, r):
             system, seen = systems[i], rates[i]
-            rate, ready_s, warm_s, cpu_ms = await throughput(system, values)
-            seen.append((rate, ready_s, warm_s, cpu_ms))
+            run = await throughput(system, values)
+            seen.append(run)
             print(
-                f"  throughput  {system.label:<40} {rate:8.0f} req/s  {cpu_ms:.3f} CPU ms/req  "
-                f"(ready in {ready_s:.1f} s, full speed in {warm_s:.1f} s)"
+                f"  throughput  {system.label:<40} {run.rate:8.0f} req/s  "
+                f"{run.cpu_ms:.3f} CPU ms/req  {run.pss_mib:6.0f} MiB  (ready in "
+                f"{run.ready_s:.1f} s, full speed in {run.warm_s:.1f} s)"
             )
     for row, seen in zip(rows, rates, strict=True):
-        row.rate = statistics.median(x[0] for x in seen)
-        row.ready = statistics.median(x[1] for x in seen)
-        row.warm = statistics.median(x[2] for x in seen)
-        row.cpu_ms = statistics.median(x[3] for x in seen)
+        row.rate = statistics.median(x.rate for x in seen)
+        row.ready = statistics.median(x.ready_s for x in seen)
+        row.warm = statistics.median(x.warm_s for x in seen)
+        row.cpu_ms = statistics.median(x.cpu_ms for x in seen)
+        row.pss_mib = statistics.median(x.pss_mib for x in seen)
     slowest = 0.5 * min(r.rate for r in rows if r.kind == "worker")
     half = 0.5 * rows[0].rate
     for at_half, rate, what in (
@@ -595,29 +657,41 @@ def table(rows: list[Row]) -> str:
     lines = [
         f"| system | req/s | vs passthrough | CPU ms / request | CPU vs passthrough | p50 ms "
         f"| p99 ms | p50 vs passthrough | p50 / p99 ms at {base.rate / 2:.0f} req/s "
-        "| start to ready | to full speed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| start to ready | to full speed | memory (PSS) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         cpu_x = r.cpu_ms / base.cpu_ms if base.cpu_ms else 0.0
         lines.append(
             f"| {r.label} | {r.rate:.0f} | {r.rate / base.rate:.2f}x | {r.cpu_ms:.3f} | "
             f"{cpu_x:.2f}x | {r.p50:.1f} | {r.p99:.1f} | {r.p50 / base.p50:.2f}x | "
-            f"{r.half_p50:.1f} / {r.half_p99:.1f} | {r.ready:.1f} s | {r.warm:.1f} s |"
+            f"{r.half_p50:.1f} / {r.half_p99:.1f} | {r.ready:.1f} s | {r.warm:.1f} s | "
+            f"{r.pss_mib:.0f} MiB |"
         )
     lines.append("")
     lines.append(
         f"p50, p99 at {slowest:.0f} req/s (half the slowest plain at-least-once worker's "
         "throughput); the next column at half the passthrough's throughput."
     )
+    by_label = {r.label: r for r in rows}
     for suffix in sorted({r.label.split(" x")[0].removeprefix("tokenheap worker") for r in rows
-                          if r.kind == "worker"}):  # fmt: skip
-        one = next(r for r in rows if r.label == f"tokenheap worker{suffix} x1")
-        two = next(r for r in rows if r.label == f"tokenheap worker{suffix} x2")
+                          if r.kind == "worker" and ", forked" not in r.label}):  # fmt: skip
+        one = by_label[f"tokenheap worker{suffix} x1"]
+        two = by_label[f"tokenheap worker{suffix} x2"]
         lines.append(
             f"2 workers / 1 worker{suffix}: throughput {two.rate / one.rate:.2f}x, "
             f"p50 {two.p50 / one.p50:.2f}x, p99 {two.p99 / one.p99:.2f}x"
         )
+    forked, apart = by_label.get("tokenheap worker, forked x2"), by_label["tokenheap worker x2"]
+    if forked is not None:
+        ratios = {
+            "throughput": forked.rate / apart.rate,
+            "CPU per request": forked.cpu_ms / apart.cpu_ms,
+            "memory": forked.pss_mib / apart.pss_mib,
+            "start to ready": forked.ready / apart.ready,
+        }
+        said = ", ".join(f"{what} {x:.2f}x" for what, x in ratios.items())
+        lines.append(f"TOKENHEAP_PROCESSES=2 / 2 workers started apart: {said}")
     return "\n".join(lines)
 
 

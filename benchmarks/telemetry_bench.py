@@ -51,7 +51,8 @@ async def bench(
             otel = {k: v or endpoint for k, v in env.items()}
             tree = base if name == BASE else None
             system = kb.System("worker", 1, bootstrap, logs, tree, otel=otel)
-            rate, _, _, cpu_ms = await kb.throughput(system, values)
+            run = await kb.throughput(system, values)
+            rate, cpu_ms = run.rate, run.cpu_ms
             seen[name].append((rate, cpu_ms))
             print(f"  {name:<46} {rate:7.0f} req/s  {cpu_ms:.3f} CPU ms/req", flush=True)
     off = statistics.median(c for _, c in seen["OTEL_SDK_DISABLED=true"])
