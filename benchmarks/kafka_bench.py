@@ -433,7 +433,8 @@ def children_of(pids: Sequence[int]) -> list[int]:
 def pss_mib(pids: Sequence[int]) -> float:
     """The proportional set size of these processes together, MiB: each shared page counted
     once over all that share it (Linux smaps_rollup; 0 where unreadable). A forked worker's
-    children share the pages their parent filled before the fork; apart, nothing is shared."""
+    children share the pages their parent filled before the fork (the vocabularies); apart,
+    only file-backed pages such as shared libraries are shared."""
     kib = 0
     for pid in pids:
         with contextlib.suppress(OSError, ValueError):

@@ -5,24 +5,35 @@ tests/integration/test_processes.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import ValidationError
 
+from worker.errors import ConfigError
 from worker.settings import Settings
-from worker.stream.processes import ChildView, exit_code, fleet_status, other_threads
+from worker.stream.processes import (
+    ChildView,
+    exit_code,
+    fleet_status,
+    listening,
+    other_threads,
+)
 from worker.telemetry.logs import configure_logging, tag_process
-from worker.telemetry.setup import setup_telemetry
 
 TOPIC = "tokenheap.requests"
 
@@ -112,57 +123,65 @@ def test_exit_code(codes: list[int | None], unasked: list[int | None], want: int
     assert exit_code(codes, unasked) == want
 
 
-def test_other_threads_counts_a_running_thread_and_forgets_it_once_joined() -> None:
-    before = len(other_threads(settle_s=0.0))
+def test_other_threads_names_a_running_thread_and_forgets_it_once_joined() -> None:
     release = threading.Event()
     t = threading.Thread(target=release.wait)
     t.start()
+    mine = f"({t.native_id})"
     try:
-        assert len(other_threads(settle_s=0.0)) == before + 1
+        assert any(name.endswith(mine) for name in other_threads(settle_s=0.0))
     finally:
         release.set()
         t.join()
-    assert len(other_threads()) == before
+    assert not any(name.endswith(mine) for name in other_threads())
 
 
-def _instance(index: int | None) -> str:
-    providers = setup_telemetry(
-        shutdown_on_exit=False, span_exporters=[InMemorySpanExporter()], process_index=index
-    )
+INSTANCE_IDS = """
+import os, sys
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from worker.telemetry.setup import setup_telemetry
+
+def instance(index):
+    p = setup_telemetry(shutdown_on_exit=False, span_exporters=[InMemorySpanExporter()],
+                        process_index=index)
     try:
-        assert isinstance(providers.tracer_provider, TracerProvider)
-        return str(providers.tracer_provider.resource.attributes["service.instance.id"])
+        return p.tracer_provider.resource.attributes["service.instance.id"]
     finally:
-        providers.shutdown()
+        p.shutdown()
 
-
-def _instance_in_a_fork(index: int) -> str:
+mine = instance(None)  # the parent's first: an id cached before the fork
+ids = []
+for k in (0, 1):
     read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            os.write(write, _instance(index).encode())
-        except BaseException:
-            code = 1
-        os._exit(code)
+    if os.fork() == 0:
+        os.write(write, instance(k).encode())
+        os._exit(0)
     os.close(write)
-    with os.fdopen(read, "rb") as f:
-        got = f.read().decode()
-    assert os.waitpid(pid, 0)[1] == 0
-    return got
+    ids.append(os.fdopen(read).read())
+    os.wait()
+print(mine, *ids)
+"""
 
 
-def test_each_child_is_a_service_instance_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_child_is_a_service_instance_of_its_own() -> None:
     """Siblings share the pod: with one identity their cumulative counters would land in
     one series. An id given in the environment gets the child's number; none given, each
-    forked child has an id of its own."""
-    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=pod-7")
-    assert _instance(None) == "pod-7"  # a single worker: as configured
-    assert _instance(1) == "pod-7-1"
-    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES")
-    ids = {_instance_in_a_fork(0), _instance_in_a_fork(1), _instance(None)}
-    assert len(ids) == 3 and all(len(i) == 36 for i in ids), ids
+    forked child has an id of its own. (Forked in a fresh interpreter: pytest's threads
+    make a fork here unsafe.)"""
+
+    def run(attributes: str | None) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        if attributes is not None:
+            env["OTEL_RESOURCE_ATTRIBUTES"] = attributes
+        out = subprocess.run(
+            [sys.executable, "-c", INSTANCE_IDS], env=env, capture_output=True, text=True,
+            check=True, timeout=60,
+        )  # fmt: skip
+        return out.stdout.split()
+
+    assert run("service.instance.id=pod-7") == ["pod-7", "pod-7-0", "pod-7-1"]
+    ids = run(None)
+    assert len(set(ids)) == 3 and all(len(i) == 36 for i in ids), ids
 
 
 def test_a_childs_log_lines_say_whose_they_are() -> None:
@@ -181,3 +200,134 @@ def test_processes_is_at_least_one() -> None:
     assert Settings(processes=4).processes == 4
     with pytest.raises(ValidationError):
         Settings(processes=0)
+
+
+def test_a_health_port_in_use_is_said_before_anything_loads() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"health port 127.0.0.1:{port}"):
+            listening("127.0.0.1", port)
+    with listening("127.0.0.1", 0) as free:  # any free port: bound and listening
+        socket.create_connection(free.getsockname()[:2], timeout=5).close()
+
+
+# -- the parent supervising stand-in children (tests/support/fake_fleet.py) -------------
+
+FAKE_FLEET = Path(__file__).parents[1] / "support" / "fake_fleet.py"
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="fork and PR_SET_PDEATHSIG")
+
+
+class Fleet:
+    """The fake fleet as a process of its own (its own session: a group to signal)."""
+
+    def __init__(self, tmp_path: Path, **env: str) -> None:
+        self.port = free_loopback_port()
+        self.log = tmp_path / "fleet.log"
+        self._out = open(self.log, "wb")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(FAKE_FLEET), str(self.port)],
+            env={**os.environ, **env}, stdout=self._out, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=Path(__file__).parents[2],
+        )  # fmt: skip
+
+    def lines(self) -> list[dict[str, Any]]:
+        text = self.log.read_text(errors="replace")
+        return [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+
+    def said(self, message: str) -> list[dict[str, Any]]:
+        return [x for x in self.lines() if x["message"].startswith(message)]
+
+    def wait_for(self, message: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.said(message):
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, f"no {message!r}:\n{self.log.read_text()}"
+            time.sleep(0.02)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        head, _, body = raw.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if self.get("/readyz")[0] == 200:
+                    return
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+            self._out.close()
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@linux_only
+def test_one_endpoint_for_all_children_and_a_group_wide_signal_is_a_clean_stop(
+    tmp_path: Path,
+) -> None:
+    """/status sums both children up; SIGTERM to the whole process group (Ctrl-C, systemd)
+    reaches each child and the parent at once: not a child failing, exit 0."""
+    fleet = Fleet(tmp_path)
+    fleet.wait_ready()
+    code, body = fleet.get("/status")
+    doc = json.loads(body)
+    assert code == 200 and doc["ready"] and doc["member"]
+    assert doc["partitions"] == ["t[0]", "t[1]"]
+    assert [(c["index"], c["ready"]) for c in doc["processes"]] == [(0, True), (1, True)]
+    os.killpg(fleet.proc.pid, signal.SIGTERM)
+    assert fleet.wait() == 0, fleet.log.read_text()
+    assert not [x for x in fleet.lines() if "exited with code" in x["message"]]  # no failure
+    assert sorted(x["worker_process"] for x in fleet.said("child stopped")) == [0, 1]
+
+
+@linux_only
+def test_sigterm_while_the_children_start_stops_them_cleanly(tmp_path: Path) -> None:
+    """Sent while each child is still starting (before its handlers exist): held until
+    they do, then drained like any other stop."""
+    fleet = Fleet(tmp_path, FAKE_START_S="1.5")
+    fleet.wait_for("vocabularies")  # forking now; the children sleep 1.5 s before handlers
+    time.sleep(0.2)
+    fleet.proc.send_signal(signal.SIGTERM)
+    assert fleet.wait() == 0, fleet.log.read_text()
+    assert sorted(x["worker_process"] for x in fleet.said("child stopped")) == [0, 1]
+
+
+@linux_only
+def test_sigterm_while_the_parent_loads_is_not_lost(tmp_path: Path) -> None:
+    """Sent before any child exists: the parent still forks them (nothing half done) and
+    stops them at once, exit 0, instead of dying (or, as PID 1, ignoring it)."""
+    fleet = Fleet(tmp_path)
+    fleet.wait_for("loading the vocabularies")
+    fleet.proc.send_signal(signal.SIGTERM)
+    assert fleet.wait() == 0, fleet.log.read_text()
+    assert fleet.said("SIGTERM: stopping 2 worker processes")
+    assert sorted(x["worker_process"] for x in fleet.said("child stopped")) == [0, 1]
+
+
+@linux_only
+def test_a_child_that_exits_on_its_own_decides_the_exit_code(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, FAKE_FAIL="1:3")
+    assert fleet.wait() == 3, fleet.log.read_text()
+    [line] = fleet.said("worker process 1")
+    assert "exited with code 3; stopping the others" in line["message"]
+    assert [x["worker_process"] for x in fleet.said("child stopped")] == [0]

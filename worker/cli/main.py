@@ -18,6 +18,8 @@ from worker.errors import ConfigError, TokenheapError
 from worker.runtime import settle_heap
 
 if TYPE_CHECKING:  # imported where used: `fit` checks its input before the engine loads
+    import socket
+
     from _typeshed import SupportsWrite
 
     from worker.catalog import Catalog
@@ -516,12 +518,15 @@ def _worker(settings: Settings) -> int:
         from worker.stream.processes import run_processes
 
         return run_processes(settings, _worker_process)
-    return _worker_process(None, settings)
+    return _worker_process(None, settings, None)
 
 
-def _worker_process(index: int | None, settings: Settings) -> int:
-    """One worker: the only one, or child `index` of `TOKENHEAP_PROCESSES` (its telemetry
-    made after the fork: an exporter's thread does not survive one)."""
+def _worker_process(
+    index: int | None, settings: Settings, health_socket: socket.socket | None
+) -> int:
+    """One worker: the only one, or child `index` of `TOKENHEAP_PROCESSES` with its health
+    endpoint's socket (its telemetry made after the fork: an exporter's thread does not
+    survive one)."""
     from worker.catalog import load_catalog
     from worker.stream.service import run_worker
     from worker.telemetry.logs import tag_process
@@ -544,7 +549,7 @@ def _worker_process(index: int | None, settings: Settings) -> int:
         process_index=index,
     )
     try:
-        return run_worker(settings, telemetry)
+        return run_worker(settings, telemetry, health_socket)
     finally:
         telemetry.shutdown()  # flushes spans and a last metric export
 

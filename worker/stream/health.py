@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import logging
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +58,14 @@ class HealthServer:
         ready: Callable[[], bool],
         status: Status | None = None,
         live: Callable[[], bool] = lambda: True,
+        sock: socket.socket | None = None,
     ) -> None:
+        """`sock`: a socket already bound and listening, served instead of `host:port` (a
+        `TOKENHEAP_PROCESSES` child's, bound by its parent so no two children race for a
+        port)."""
         self._host = host
         self._port = port
+        self._sock = sock
         self._ready = ready
         self._status = status or (lambda: {})
         self._live = live
@@ -74,7 +80,10 @@ class HealthServer:
 
     async def start(self) -> None:
         try:
-            self._server = await asyncio.start_server(self._serve, self._host, self._port)
+            if self._sock is not None:
+                self._server = await asyncio.start_server(self._serve, sock=self._sock)
+            else:
+                self._server = await asyncio.start_server(self._serve, self._host, self._port)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ConfigError(

@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 
 from worker.count.backends import BackendName, fastokens_tokenizer, resolve_backend
 from worker.count.vocab import encoding
+from worker.errors import ConfigError, TokenheapError
 from worker.runtime import settle_heap
 from worker.settings import Settings
 from worker.stream.health import HealthServer
@@ -57,12 +58,16 @@ SILENT_S = 10.0
 is wedged (or it never came up), and the orchestrator should restart the whole."""
 STATUS_TIMEOUT_S = 2.0
 """Bound on one read of a child's /status."""
-KILL_AFTER_S = 5.0
-"""Past the children's own drain deadline, how long before a child still running is killed."""
+KILL_AFTER_S = 15.0
+"""Past the children's own drain deadline, how long before a child still running is killed:
+room for its telemetry's last export (one OTLP export times out after 10 s)."""
+READY_STALE_S = 5.0
+"""A child is counted ready on an answer no older than this (a few of the parent's reads)."""
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-ChildMain = Callable[[int, Settings], int]
-"""Runs child `k` with its settings (its health on a loopback port) and returns its exit code."""
+ChildMain = Callable[[int, Settings, socket.socket | None], int]
+"""Runs child `k` with its settings and its health endpoint's socket (bound and listening
+on a loopback port, None with the endpoint off); returns its exit code."""
 
 
 def openai_encodings(settings: Settings) -> list[str]:
@@ -78,41 +83,104 @@ def openai_encodings(settings: Settings) -> list[str]:
 def run_processes(settings: Settings, child_main: ChildMain) -> int:
     """Load, fork `settings.processes` children running `child_main`, supervise them; the
     exit code: 0 when every child stopped cleanly, else the first failure's."""
+    early = _EarlySignals()  # from now on: a stop asked for while loading is not lost
+    try:
+        return _run(settings, child_main, early)
+    finally:
+        early.restore()
+
+
+def _run(settings: Settings, child_main: ChildMain, early: _EarlySignals) -> int:
     n = settings.processes
     began = time.perf_counter()
-    names = openai_encodings(settings)
-    load_vocabularies(names, settings.count_backend)
-    log.info(
-        "vocabularies %s loaded in %.1f s; starting %d worker processes",
-        ", ".join(names), time.perf_counter() - began, n,
-    )  # fmt: skip
-    ports = [free_port() if settings.health_port else 0 for _ in range(n)]
+    from worker.stream.kafka import client_kwargs
+
+    client_kwargs(settings)  # a bad TLS or SASL setting: exit 2 once, not from N children
+    own = listening(settings.health_host, settings.health_port) if settings.health_port else None
+    socks: list[socket.socket | None] = []
+    try:
+        log.info("loading the vocabularies for %d worker processes", n)
+        _import_what_children_run()
+        names = openai_encodings(settings)
+        load_vocabularies(names, settings.count_backend)
+        log.info(
+            "vocabularies %s loaded in %.1f s; starting %d worker processes",
+            ", ".join(names), time.perf_counter() - began, n,
+        )  # fmt: skip
+        socks = [listening("127.0.0.1", 0) if own else None for _ in range(n)]
+        others = other_threads()
+        if others:  # a fork copies only the calling thread: a pool's would be gone for good
+            raise ConfigError(f"cannot fork the worker processes: threads running: {others}")
+        return _fork_and_supervise(settings, child_main, early, own, socks)
+    finally:
+        for sock in [own, *socks]:
+            if sock is not None:
+                sock.close()
+
+
+def _fork_and_supervise(
+    settings: Settings,
+    child_main: ChildMain,
+    early: _EarlySignals,
+    own: socket.socket | None,
+    socks: list[socket.socket | None],
+) -> int:
     settle_heap()  # frozen before the fork: children do not copy pages to collect them
     ctx = multiprocessing.get_context("fork")
     parent = os.getpid()
-    # Blocked until the parent's loop handles them: a signal between the fork and that
-    # would otherwise kill the parent and orphan the children.
+    # Blocked in the parent until its loop handles them (a signal between the fork and
+    # that would kill it and orphan the children); in each child until its own loop does.
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     children: list[BaseProcess] = []
+    ports = [sock.getsockname()[1] if sock is not None else 0 for sock in socks]
     try:
-        for k, port in enumerate(ports):
+        for k, (sock, port) in enumerate(zip(socks, ports, strict=True)):
             child_settings = settings.model_copy(
                 update={"processes": 1, "health_host": "127.0.0.1", "health_port": port}
             )
+            others = [s for s in [own, *socks] if s is not None and s is not sock]
             child: BaseProcess = ctx.Process(
                 target=_child,
-                args=(k, child_settings, child_main, parent),
+                args=(k, child_settings, child_main, parent, sock, others),
                 name=f"tokenheap-worker-{k}",
             )
             child.start()
             children.append(child)
-        return asyncio.run(_supervise(settings, children, ports))
+        for sock in socks:  # the children's now
+            if sock is not None:
+                sock.close()
+        return asyncio.run(_supervise(settings, children, ports, own, early))
     finally:
         for child in children:
             if child.is_alive():
                 child.kill()
             child.join(5)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+def _import_what_children_run() -> None:
+    """The modules every child runs, imported once here: shared by the fork instead of
+    imported N times after it (importing them starts no thread)."""
+    import worker.build
+    import worker.stream.service
+    import worker.telemetry.otel  # noqa: F401
+
+
+class _EarlySignals:
+    """SIGTERM / SIGINT noted from the start, before the parent's loop handles them: the
+    default action would kill a parent with nothing to stop yet and, as PID 1 of a
+    container, the kernel drops a signal with no handler, so the stop would be lost."""
+
+    def __init__(self) -> None:
+        self.asked: signal.Signals | None = None
+        self._before = {sig: signal.signal(sig, self._note) for sig in _SIGNALS}
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.asked = signal.Signals(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
 
 
 def load_vocabularies(names: Sequence[str], backend: BackendName) -> None:
@@ -129,46 +197,73 @@ def load_vocabularies(names: Sequence[str], backend: BackendName) -> None:
                 list(pool.map(fastokens_tokenizer, names))
         except Exception as exc:
             log.warning("fastokens could not be loaded before the fork: %r", exc)
-    others = other_threads()
-    if others:  # a fork copies only the calling thread: a pool's would be gone
-        raise RuntimeError(f"threads still running before the fork: {', '.join(others)}")
 
 
 def other_threads(settle_s: float = 1.0) -> list[str]:
-    """The names of this process's threads but the calling one, as the kernel counts them
-    (Python's and native pools'), once those just joined have had `settle_s` to be gone
-    (a joined thread is still the kernel's for a moment); Python's own where /proc is not."""
+    """This process's threads but the calling one, as the kernel counts them (Python's and
+    native pools'), each as `name (thread id)`, once those just joined have had `settle_s`
+    to be gone (a joined thread is still the kernel's for a moment); Python's own where
+    /proc is not there."""
     deadline = time.monotonic() + settle_s
     while True:
         try:
             me = threading.get_native_id()
-            tasks = [t for t in os.listdir("/proc/self/task") if int(t) != me]
             names = []
-            for t in tasks:
-                with contextlib.suppress(OSError):
-                    names.append(Path(f"/proc/self/task/{t}/comm").read_text().strip())
+            for t in os.listdir("/proc/self/task"):
+                if int(t) != me:
+                    with contextlib.suppress(OSError):
+                        comm = Path(f"/proc/self/task/{t}/comm").read_text().strip()
+                        names.append(f"{comm} ({t})")
         except OSError:
-            names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+            names = [
+                f"{t.name} ({t.native_id})"
+                for t in threading.enumerate()
+                if t is not threading.current_thread()
+            ]
         if not names or time.monotonic() > deadline:
             return names
         time.sleep(0.01)
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now (for a child's own health endpoint)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _child(k: int, settings: Settings, child_main: ChildMain, parent: int) -> None:
-    _die_with(parent)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+def listening(host: str, port: int) -> socket.socket:
+    """A socket bound to `host:port` (0: any free port) and listening: the parent's health
+    endpoint, said to be taken before anything loads, and each child's, bound here so no
+    two children (nor anything else) can take one between picking and serving it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
-        code = child_main(k, settings)
-    except BaseException as exc:  # a bug: one line, and the parent stops the others
-        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        print(f"tokenheap: worker process {k} failed ({why})", file=sys.stderr, flush=True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio binds
+        sock.bind((host, port))
+        sock.listen(100)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"health port {host}:{port}: {exc.strerror or exc}; set TOKENHEAP_HEALTH_PORT "
+            "to a free port (0 turns the endpoint off)"
+        ) from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def _child(
+    k: int,
+    settings: Settings,
+    child_main: ChildMain,
+    parent: int,
+    sock: socket.socket | None,
+    others: list[socket.socket],
+) -> None:
+    _die_with(parent)
+    for other in others:  # the parent's and the siblings' endpoints are not this child's
+        other.close()
+    try:
+        code = child_main(k, settings, sock)
+    except KeyboardInterrupt:  # as `main` does
+        code = 130
+    except TokenheapError as exc:  # a setting, said as `main` says it
+        log.error("worker process %d: %s", k, exc)
+        code = 2
+    except BaseException:  # a bug: logged with its traceback; the parent stops the others
+        log.exception("worker process %d failed", k)
         code = 1
     with contextlib.suppress(Exception):
         sys.stdout.flush()
@@ -221,12 +316,12 @@ class _Fleet:
         return not self.stopping and all(self._ready(c) for c in self.children)
 
     def _ready(self, child: _Child) -> bool:
-        """Alive, answering, and ready when it last answered."""
+        """Alive, answering (an answer no older than `READY_STALE_S`), and ready then."""
         now = asyncio.get_running_loop().time()
         return (
             child.alive()
-            and not child.silent(now)
             and child.status is not None
+            and now - child.answered <= READY_STALE_S
             and bool(child.status.get("ready"))
         )
 
@@ -296,9 +391,20 @@ def _partition_order(name: str) -> tuple[str, int]:
     return (topic, int(digits)) if digits.isdigit() else (name, -1)
 
 
-async def _supervise(settings: Settings, processes: list[BaseProcess], ports: list[int]) -> int:
+async def _supervise(
+    settings: Settings,
+    processes: list[BaseProcess],
+    ports: list[int],
+    own: socket.socket | None,
+    early: _EarlySignals,
+) -> int:
     loop = asyncio.get_running_loop()
-    fleet = _Fleet([_Child(k, p, ports[k], loop.time()) for k, p in enumerate(processes)])
+    fleet = _Fleet(
+        [
+            _Child(k, p, port, loop.time())
+            for k, (p, port) in enumerate(zip(processes, ports, strict=True))
+        ]
+    )
     stop = asyncio.Event()
 
     def on_signal(sig: signal.Signals) -> None:
@@ -309,16 +415,24 @@ async def _supervise(settings: Settings, processes: list[BaseProcess], ports: li
     for sig in _SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # a pending one is handled now
+    if early.asked is not None:  # while loading, before the children existed
+        on_signal(early.asked)
     health = HealthServer(
-        settings.health_host, settings.health_port, fleet.ready, fleet.status, fleet.live
-    )
+        settings.health_host, settings.health_port, fleet.ready, fleet.status, fleet.live,
+        sock=own,
+    )  # fmt: skip
+    poller = asyncio.create_task(_poll_forever(fleet))  # apart: a slow child delays no stop
     try:
-        if settings.health_port:
+        if own is not None:
             await health.start()
         while not stop.is_set():
-            await _poll(fleet)
             exited = [c for c in fleet.children if not c.alive()]
             if exited:
+                # A signal to the whole process group (Ctrl-C, systemd, `kill -- -pgid`)
+                # reaches a child and this loop alike: give ours a moment to show.
+                await asyncio.sleep(0.1)
+                if stop.is_set():
+                    break
                 for c in exited:
                     log.error(
                         "worker process %d (pid %s) exited with code %s; stopping the others",
@@ -328,16 +442,17 @@ async def _supervise(settings: Settings, processes: list[BaseProcess], ports: li
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), POLL_S)
-    finally:  # a failure of the parent's own (its health port taken) stops them too
+    finally:  # a failure of the parent's own stops them too
         fleet.stopping = True
+        poller.cancel()
         await _stop_all(fleet, settings.drain_timeout_s + KILL_AFTER_S)
         await health.stop()
         for sig in _SIGNALS:
             loop.remove_signal_handler(sig)
-    return exit_code(
-        [c.process.exitcode for c in fleet.children],
-        [c.process.exitcode for c in fleet.children if c.index in fleet.failed],
-    )
+    codes = [c.process.exitcode for c in fleet.children]
+    code = exit_code(codes, [c.process.exitcode for c in fleet.children if c.index in fleet.failed])
+    log.info("worker processes stopped (exit codes %s): exit %d", codes, code)
+    return code
 
 
 def exit_code(codes: Sequence[int | None], unasked: Sequence[int | None]) -> int:
@@ -348,6 +463,12 @@ def exit_code(codes: Sequence[int | None], unasked: Sequence[int | None]) -> int
         return code if code is not None and code > 0 else 1
     # a child still running, or killed by a signal (negative), did not drain: 1
     return max((1 if code is None or code < 0 else code for code in codes), default=0)
+
+
+async def _poll_forever(fleet: _Fleet) -> None:
+    while True:
+        await _poll(fleet)
+        await asyncio.sleep(POLL_S)
 
 
 async def _poll(fleet: _Fleet) -> None:
@@ -380,9 +501,9 @@ async def _read_status(port: int) -> dict[str, Any] | None:
 async def _stop_all(fleet: _Fleet, within_s: float) -> None:
     """SIGTERM to every child still running; SIGKILL to any still running `within_s` later."""
     for c in fleet.children:
-        if c.alive():
+        if c.alive() and c.process.pid:  # (never pid 0: that would be the whole group)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(c.process.pid or 0, signal.SIGTERM)
+                os.kill(c.process.pid, signal.SIGTERM)
     deadline = asyncio.get_running_loop().time() + within_s
     while any(c.alive() for c in fleet.children):
         if asyncio.get_running_loop().time() > deadline:

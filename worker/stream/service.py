@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable
@@ -135,6 +136,7 @@ async def serve(
     stop: asyncio.Event,
     telemetry: Telemetry | None = None,
     engine: Engine | None = None,
+    health_socket: socket.socket | None = None,
 ) -> int:
     """Run until `stop` is set (then drain) or something fails for good. Returns 0 after a
     stop, 1 after a failure (or the broker not coming up within the start-up deadline), 2
@@ -160,13 +162,14 @@ async def serve(
         state.ready,
         status=state.status,
         live=state.live,
+        sock=health_socket,
     )
     watch.bind()
     quiet.install()
     stamp = asyncio.create_task(_stamp_stop(stop, state, settings.drain_timeout_s))
     code: int | None = 1
     try:
-        if settings.health_port:  # first: live (and not ready) while loading and joining
+        if settings.health_port or health_socket is not None:  # first: live, not ready
             await health.start()
         await _warm(engine)
         code = await _startup_wait(settings, stop)
@@ -429,16 +432,22 @@ async def _close_engine(engine: Engine) -> None:
     await _quietly("closing the engine", engine.aclose())
 
 
-def run_worker(settings: Settings, telemetry: Telemetry | None = None) -> int:
+def run_worker(
+    settings: Settings,
+    telemetry: Telemetry | None = None,
+    health_socket: socket.socket | None = None,
+) -> int:
     """Entry point of `tokenheap worker`: the exit code (0 clean stop, 1 failure)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )
-    return asyncio.run(_main(settings, telemetry))
+    return asyncio.run(_main(settings, telemetry, health_socket))
 
 
-async def _main(settings: Settings, telemetry: Telemetry | None) -> int:
+async def _main(
+    settings: Settings, telemetry: Telemetry | None, health_socket: socket.socket | None
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -451,8 +460,11 @@ async def _main(settings: Settings, telemetry: Telemetry | None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    # A TOKENHEAP_PROCESSES child starts with both blocked (worker.stream.processes): one
+    # sent while it started is held until now and drains it like any other (no-op else).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
     try:
-        return await serve(settings, stop=stop, telemetry=telemetry)
+        return await serve(settings, stop=stop, telemetry=telemetry, health_socket=health_socket)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
