@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib
 import json
 import logging
 import multiprocessing
@@ -111,6 +112,9 @@ def _run(settings: Settings, child_main: ChildMain, early: _EarlySignals) -> int
         others = other_threads()
         if others:  # a fork copies only the calling thread: a pool's would be gone for good
             raise ConfigError(f"cannot fork the worker processes: threads running: {others}")
+        if early.asked is not None:  # (one asked for from here on stops the children)
+            log.info("%s: stopping before any worker process started", early.asked.name)
+            return 0
         return _fork_and_supervise(settings, child_main, early, own, socks)
     finally:
         for sock in [own, *socks]:
@@ -161,9 +165,8 @@ def _fork_and_supervise(
 def _import_what_children_run() -> None:
     """The modules every child runs, imported once here: shared by the fork instead of
     imported N times after it (importing them starts no thread)."""
-    import worker.build
-    import worker.stream.service
-    import worker.telemetry.otel  # noqa: F401
+    for module in ("worker.build", "worker.stream.service", "worker.telemetry.otel"):
+        importlib.import_module(module)
 
 
 class _EarlySignals:
