@@ -14,25 +14,12 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from tests.integration import worker_kit as kit
 
-def _load(path: Path) -> ModuleType:
-    name = f"_tokenheap_test_support.{path.stem}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-kit = _load(Path(__file__).with_name("worker_kit.py"))
 MakeTopics = Callable[..., Awaitable[list[str]]]
 pytestmark = [
     pytest.mark.kafka,
