@@ -2,7 +2,7 @@
 its health endpoint on the socket the parent gave it, is ready at once and stops on SIGTERM
 or SIGINT as a worker does (its handlers installed, then the signals unblocked).
 
-    python tests/support/fake_fleet.py HEALTH_PORT
+    python -m tests.support.fake_fleet HEALTH_PORT   (from the repository's root)
 
 FAKE_START_S: how long a child takes before its handlers exist (a worker's start-up);
 FAKE_FAIL=k:code: child k exits with `code` on its own, half a second after it is up.
@@ -28,6 +28,7 @@ log = logging.getLogger("fake")
 
 def child(k: int, settings: Settings, sock: socket.socket | None) -> int:
     tag_process(k)
+    log.info("child starting")
     time.sleep(float(os.environ.get("FAKE_START_S", "0")))  # signals stay blocked meanwhile
 
     async def main() -> int:
@@ -37,7 +38,9 @@ def child(k: int, settings: Settings, sock: socket.socket | None) -> int:
             loop.add_signal_handler(sig, stop.set)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
         status = {"member": True, "partitions": [f"t[{k}]"], "in_flight": 0}
-        health = HealthServer("127.0.0.1", 0, lambda: True, status=lambda: status, sock=sock)
+        health = HealthServer(
+            "127.0.0.1", 0, lambda: True, status=lambda: status, socks=[sock] if sock else ()
+        )
         await health.start()
         log.info("child up")
         fail = os.environ.get("FAKE_FAIL", "")
@@ -47,6 +50,7 @@ def child(k: int, settings: Settings, sock: socket.socket | None) -> int:
         await stop.wait()
         await health.stop()
         log.info("child stopped")
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT))  # as _main
         return 0
 
     return asyncio.run(main())

@@ -32,6 +32,7 @@ from worker.stream.processes import (
     fleet_status,
     listening,
     other_threads,
+    within,
 )
 from worker.telemetry.logs import configure_logging, tag_process
 
@@ -48,7 +49,7 @@ def child(k: int, partitions: list[int], *, alive: bool = True, **status: Any) -
         "counting": {"o200k_base": "fastokens:o200k_base"},
         **status,
     }
-    return ChildView(k, 100 + k, alive, alive and bool(doc["ready"]), doc)
+    return ChildView(k, 100 + k, alive, alive and bool(doc["ready"]), doc, fresh=alive)
 
 
 def test_the_parent_reports_every_childs_partitions_in_partition_order() -> None:
@@ -66,9 +67,25 @@ def test_a_dead_or_unanswered_child_is_no_member_and_not_ready() -> None:
     dead = fleet_status([child(0, [0]), child(1, [1], alive=False)])
     assert dead["member"] is False
     assert [c["ready"] for c in dead["processes"]] == [True, False]
-    silent = fleet_status([child(0, [0]), ChildView(1, 101, True, False, None)])
+    silent = fleet_status([child(0, [0]), ChildView(1, 101, True, False, None, False)])
     assert silent["member"] is False and silent["partitions"] == [f"{TOPIC}[0]"]
-    assert silent["processes"][1] == {"index": 1, "pid": 101, "alive": True, "ready": False}
+    assert silent["processes"][1] == {
+        "index": 1,
+        "pid": 101,
+        "alive": True,
+        "ready": False,
+        "fresh": False,
+    }
+
+
+def test_a_stale_answer_counts_in_no_sum() -> None:
+    """A frozen child's last answer still names partitions its siblings own by now."""
+    frozen = child(1, [1, 3])._replace(ready=False, fresh=False)
+    doc = fleet_status([child(0, [0, 1, 2, 3], in_flight=2), frozen])
+    assert doc["partitions"] == [f"{TOPIC}[{p}]" for p in range(4)]  # none twice
+    assert doc["member"] is False and doc["in_flight"] == 2
+    assert doc["processes"][1]["fresh"] is False
+    assert doc["processes"][1]["partitions"] == [f"{TOPIC}[1]", f"{TOPIC}[3]"]  # as it said
 
 
 def test_a_vocabulary_counts_with_tiktoken_while_any_child_still_does() -> None:
@@ -98,11 +115,11 @@ def test_the_sum_keeps_every_partition_and_record_and_is_a_member_only_if_all_ar
     children: list[ChildView],
 ) -> None:
     doc = fleet_status(children)
-    every = [p for c in children for p in (c.status or {})["partitions"]]
+    every = [p for c in children if c.fresh for p in (c.status or {})["partitions"]]
     assert sorted(doc["partitions"]) == sorted(every)
     numbers = [int(p.rpartition("[")[2][:-1]) for p in doc["partitions"]]
     assert numbers == sorted(numbers)
-    assert doc["in_flight"] == sum((c.status or {})["in_flight"] for c in children)
+    assert doc["in_flight"] == sum((c.status or {})["in_flight"] for c in children if c.fresh)
     assert doc["member"] == all(c.alive and (c.status or {})["member"] for c in children)
     assert len(doc["processes"]) == len(children)
 
@@ -117,6 +134,7 @@ def test_the_sum_keeps_every_partition_and_record_and_is_a_member_only_if_all_ar
         ([-9, 0], [-9], 1),  # a child killed from outside decides it
         ([2, 0], [2], 2),  # a child refused by the broker: its code
         ([0, 0], [0], 1),  # a child that stopped cleanly unasked is still a failure
+        ([0, 2], [0, 2], 2),  # two at once: the worst of them
     ],
 )
 def test_exit_code(codes: list[int | None], unasked: list[int | None], want: int) -> None:
@@ -209,13 +227,22 @@ def test_a_health_port_in_use_is_said_before_anything_loads() -> None:
         port = busy.getsockname()[1]
         with pytest.raises(ConfigError, match=f"health port 127.0.0.1:{port}"):
             listening("127.0.0.1", port)
-    with listening("127.0.0.1", 0) as free:  # any free port: bound and listening
+    [free] = listening("127.0.0.1", 0)  # any free port: bound and listening
+    with free:
         socket.create_connection(free.getsockname()[:2], timeout=5).close()
+    both = listening("", 0)  # every interface, as asyncio binds "": IPv4 and (here) IPv6
+    try:
+        assert socket.AF_INET in {s.family for s in both}
+        for s in both:
+            if s.family == socket.AF_INET6:
+                assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        for s in both:
+            s.close()
 
 
 # -- the parent supervising stand-in children (tests/support/fake_fleet.py) -------------
 
-FAKE_FLEET = Path(__file__).parents[1] / "support" / "fake_fleet.py"
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="fork and PR_SET_PDEATHSIG")
 
 
@@ -227,7 +254,7 @@ class Fleet:
         self.log = tmp_path / "fleet.log"
         self._out = open(self.log, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            [sys.executable, str(FAKE_FLEET), str(self.port)],
+            [sys.executable, "-m", "tests.support.fake_fleet", str(self.port)],
             env={**os.environ, **env}, stdout=self._out, stderr=subprocess.STDOUT,
             start_new_session=True, cwd=Path(__file__).parents[2],
         )  # fmt: skip
@@ -304,9 +331,11 @@ def test_one_endpoint_for_all_children_and_a_group_wide_signal_is_a_clean_stop(
 def test_sigterm_while_the_children_start_stops_them_cleanly(tmp_path: Path) -> None:
     """Sent while each child is still starting (before its handlers exist): held until
     they do, then drained like any other stop."""
-    fleet = Fleet(tmp_path, FAKE_START_S="1.5")
-    fleet.wait_for("vocabularies")  # forking now; the children sleep 1.5 s before handlers
-    time.sleep(0.2)
+    fleet = Fleet(tmp_path, FAKE_START_S="3")
+    deadline = time.monotonic() + 30
+    while len(fleet.said("child starting")) < 2:  # both forked, 3 s before their handlers
+        assert time.monotonic() < deadline, fleet.log.read_text()
+        time.sleep(0.02)
     fleet.proc.send_signal(signal.SIGTERM)
     assert fleet.wait() == 0, fleet.log.read_text()
     assert sorted(x["worker_process"] for x in fleet.said("child stopped")) == [0, 1]
@@ -331,3 +360,16 @@ def test_a_child_that_exits_on_its_own_decides_the_exit_code(tmp_path: Path) -> 
     [line] = fleet.said("worker process 1")
     assert "exited with code 3; stopping the others" in line["message"]
     assert [x["worker_process"] for x in fleet.said("child stopped")] == [0]
+
+
+def test_a_step_that_outlasts_its_bound_is_left_and_said(caplog: pytest.LogCaptureFixture) -> None:
+    release = threading.Event()
+    began = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        within(lambda: release.wait(30), 0.2, "the last telemetry export")
+    assert time.monotonic() - began < 5
+    assert "the last telemetry export did not finish in 0 s" in caplog.text
+    release.set()
+    done: list[int] = []
+    within(lambda: done.append(1), 5, "a quick one")
+    assert done == [1]

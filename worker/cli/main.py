@@ -550,8 +550,13 @@ def _worker_process(
     )
     try:
         return run_worker(settings, telemetry, health_socket)
-    finally:
-        telemetry.shutdown()  # flushes spans and a last metric export
+    finally:  # flushes spans and a last metric export
+        if index is None:
+            telemetry.shutdown()
+        else:  # within what the parent waits for (worker.stream.processes)
+            from worker.stream.processes import CHILD_FLUSH_S, within
+
+            within(telemetry.shutdown, CHILD_FLUSH_S, "the last telemetry export")
 
 
 def _fit_jobs(

@@ -18,7 +18,7 @@ import errno
 import json
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from worker.errors import ConfigError
@@ -58,32 +58,35 @@ class HealthServer:
         ready: Callable[[], bool],
         status: Status | None = None,
         live: Callable[[], bool] = lambda: True,
-        sock: socket.socket | None = None,
+        socks: Sequence[socket.socket] = (),
     ) -> None:
-        """`sock`: a socket already bound and listening, served instead of `host:port` (a
-        `TOKENHEAP_PROCESSES` child's, bound by its parent so no two children race for a
-        port)."""
+        """`socks`: sockets already bound and listening, served instead of `host:port`
+        (`TOKENHEAP_PROCESSES`: the parent binds its own and each child's before forking)."""
         self._host = host
         self._port = port
-        self._sock = sock
+        self._socks = list(socks)
         self._ready = ready
         self._status = status or (lambda: {})
         self._live = live
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
 
     @property
     def port(self) -> int:
         """The bound port (useful when started on port 0)."""
-        if self._server is None or not self._server.sockets:
-            return self._port
-        return int(self._server.sockets[0].getsockname()[1])
+        for server in self._servers:
+            if server.sockets:
+                return int(server.sockets[0].getsockname()[1])
+        return self._port
 
     async def start(self) -> None:
         try:
-            if self._sock is not None:
-                self._server = await asyncio.start_server(self._serve, sock=self._sock)
+            if self._socks:
+                for sock in self._socks:
+                    self._servers.append(await asyncio.start_server(self._serve, sock=sock))
             else:
-                self._server = await asyncio.start_server(self._serve, self._host, self._port)
+                self._servers.append(
+                    await asyncio.start_server(self._serve, self._host, self._port)
+                )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ConfigError(
@@ -97,11 +100,11 @@ class HealthServer:
         log.info("health endpoint on http://%s:%d/readyz", self._host, self.port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            self._server = None
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+        self._servers = []
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

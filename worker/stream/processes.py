@@ -61,7 +61,10 @@ STATUS_TIMEOUT_S = 2.0
 """Bound on one read of a child's /status."""
 KILL_AFTER_S = 15.0
 """Past the children's own drain deadline, how long before a child still running is killed:
-room for its telemetry's last export (one OTLP export times out after 10 s)."""
+room for its telemetry's last export, which a child bounds at `CHILD_FLUSH_S`."""
+CHILD_FLUSH_S = 10.0
+"""The most a child gives its telemetry's last export (spans, then metrics: each may wait
+for an OTLP timeout of 10 s, which would outlast the parent's patience)."""
 READY_STALE_S = 5.0
 """A child is counted ready on an answer no older than this (a few of the parent's reads)."""
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -69,6 +72,16 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 ChildMain = Callable[[int, Settings, socket.socket | None], int]
 """Runs child `k` with its settings and its health endpoint's socket (bound and listening
 on a loopback port, None with the endpoint off); returns its exit code."""
+
+
+def within(step: Callable[[], None], seconds: float, what: str) -> None:
+    """Run `step` on a thread for at most `seconds` (a child exits right after: a step
+    still running then ends with it), saying so when it did not finish."""
+    thread = threading.Thread(target=step, name="tokenheap-flush", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        log.warning("%s did not finish in %.0f s; exiting without it", what, seconds)
 
 
 def openai_encodings(settings: Settings) -> list[str]:
@@ -83,7 +96,7 @@ def openai_encodings(settings: Settings) -> list[str]:
 
 def run_processes(settings: Settings, child_main: ChildMain) -> int:
     """Load, fork `settings.processes` children running `child_main`, supervise them; the
-    exit code: 0 when every child stopped cleanly, else the first failure's."""
+    exit code (`exit_code`). SIGTERM and SIGINT are left blocked: the caller exits next."""
     early = _EarlySignals()  # from now on: a stop asked for while loading is not lost
     try:
         return _run(settings, child_main, early)
@@ -97,7 +110,7 @@ def _run(settings: Settings, child_main: ChildMain, early: _EarlySignals) -> int
     from worker.stream.kafka import client_kwargs
 
     client_kwargs(settings)  # a bad TLS or SASL setting: exit 2 once, not from N children
-    own = listening(settings.health_host, settings.health_port) if settings.health_port else None
+    own = listening(settings.health_host, settings.health_port) if settings.health_port else []
     socks: list[socket.socket | None] = []
     try:
         log.info("loading the vocabularies for %d worker processes", n)
@@ -108,7 +121,8 @@ def _run(settings: Settings, child_main: ChildMain, early: _EarlySignals) -> int
             "vocabularies %s loaded in %.1f s; starting %d worker processes",
             ", ".join(names), time.perf_counter() - began, n,
         )  # fmt: skip
-        socks = [listening("127.0.0.1", 0) if own else None for _ in range(n)]
+        for _ in range(n):  # one by one: those made are closed below if a later one fails
+            socks.append(listening("127.0.0.1", 0, "a worker process's")[0] if own else None)
         others = other_threads()
         if others:  # a fork copies only the calling thread: a pool's would be gone for good
             raise ConfigError(f"cannot fork the worker processes: threads running: {others}")
@@ -117,7 +131,7 @@ def _run(settings: Settings, child_main: ChildMain, early: _EarlySignals) -> int
             return 0
         return _fork_and_supervise(settings, child_main, early, own, socks)
     finally:
-        for sock in [own, *socks]:
+        for sock in [*own, *socks]:
             if sock is not None:
                 sock.close()
 
@@ -126,7 +140,7 @@ def _fork_and_supervise(
     settings: Settings,
     child_main: ChildMain,
     early: _EarlySignals,
-    own: socket.socket | None,
+    own: list[socket.socket],
     socks: list[socket.socket | None],
 ) -> int:
     settle_heap()  # frozen before the fork: children do not copy pages to collect them
@@ -142,7 +156,7 @@ def _fork_and_supervise(
             child_settings = settings.model_copy(
                 update={"processes": 1, "health_host": "127.0.0.1", "health_port": port}
             )
-            others = [s for s in [own, *socks] if s is not None and s is not sock]
+            others = [s for s in [*own, *socks] if s is not None and s is not sock]
             child: BaseProcess = ctx.Process(
                 target=_child,
                 args=(k, child_settings, child_main, parent, sock, others),
@@ -154,12 +168,19 @@ def _fork_and_supervise(
             if sock is not None:
                 sock.close()
         return asyncio.run(_supervise(settings, children, ports, own, early))
-    finally:
+    finally:  # (the signals stay blocked: the parent exits next)
+        if any(child.is_alive() for child in children):  # the parent itself failed
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    if child.pid:
+                        os.kill(child.pid, signal.SIGTERM)
+            deadline = time.monotonic() + settings.drain_timeout_s + KILL_AFTER_S
+            for child in children:
+                child.join(max(0.0, deadline - time.monotonic()))
         for child in children:
             if child.is_alive():
                 child.kill()
             child.join(5)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
 
 def _import_what_children_run() -> None:
@@ -228,23 +249,40 @@ def other_threads(settle_s: float = 1.0) -> list[str]:
         time.sleep(0.01)
 
 
-def listening(host: str, port: int) -> socket.socket:
-    """A socket bound to `host:port` (0: any free port) and listening: the parent's health
-    endpoint, said to be taken before anything loads, and each child's, bound here so no
-    two children (nor anything else) can take one between picking and serving it."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+def listening(host: str, port: int, what: str = "the") -> list[socket.socket]:
+    """Sockets bound to `host:port` (0: a free port) and listening, as
+    `asyncio.start_server(host, port)` would bind them (every address of `host`, all
+    interfaces for an empty one, IPv6 ones v6-only): the parent's health endpoint, said to
+    be taken before anything loads, and each child's, bound here so that no two children
+    (nor anything else) can take one between picking and serving it."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio binds
-        sock.bind((host, port))
-        sock.listen(100)
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ConfigError(f"{what} health host {host!r}: {exc.strerror or exc}") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(100)
     except OSError as exc:
-        sock.close()
+        for sock in socks:
+            sock.close()
+        advice = (
+            "; set TOKENHEAP_HEALTH_PORT to a free port (0 turns the endpoint off)"
+            if what == "the"
+            else ""
+        )
         raise ConfigError(
-            f"health port {host}:{port}: {exc.strerror or exc}; set TOKENHEAP_HEALTH_PORT "
-            "to a free port (0 turns the endpoint off)"
+            f"{what} health port {host}:{port}: {exc.strerror or exc}{advice}"
         ) from None
-    sock.set_inheritable(False)
-    return sock
+    return socks
 
 
 def _child(
@@ -279,8 +317,12 @@ def _die_with(parent: int) -> None:
     children outlive a parent killed with -9, as any forked worker would)."""
     if sys.platform != "linux":
         return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    try:
+        failed = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0) != 0
+    except (OSError, AttributeError):
+        failed = True
+    if failed:
+        log.warning("this worker process will outlive its parent: prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # it died before the request took effect
         os._exit(1)
 
@@ -318,20 +360,20 @@ class _Fleet:
     def ready(self) -> bool:
         return not self.stopping and all(self._ready(c) for c in self.children)
 
-    def _ready(self, child: _Child) -> bool:
-        """Alive, answering (an answer no older than `READY_STALE_S`), and ready then."""
+    def _fresh(self, child: _Child) -> bool:
+        """Alive, with an answer no older than `READY_STALE_S`."""
         now = asyncio.get_running_loop().time()
-        return (
-            child.alive()
-            and child.status is not None
-            and now - child.answered <= READY_STALE_S
-            and bool(child.status.get("ready"))
-        )
+        return child.alive() and child.status is not None and now - child.answered <= READY_STALE_S
+
+    def _ready(self, child: _Child) -> bool:
+        return self._fresh(child) and bool((child.status or {}).get("ready"))
 
     def status(self) -> dict[str, Any]:
         return fleet_status(
             [
-                ChildView(c.index, c.process.pid, c.alive(), self._ready(c), c.status)
+                ChildView(
+                    c.index, c.process.pid, c.alive(), self._ready(c), c.status, self._fresh(c)
+                )
                 for c in self.children
             ]
         )
@@ -348,6 +390,9 @@ class ChildView(NamedTuple):
     """Alive, answering its health endpoint, and ready when it last answered."""
     status: dict[str, Any] | None
     """Its last /status (None before the first answer)."""
+    fresh: bool = True
+    """That answer is recent (`READY_STALE_S`) and the child alive: only then does it count
+    in the sums (a frozen child's partitions have moved on to its siblings meanwhile)."""
 
 
 def fleet_status(children: Sequence[ChildView]) -> dict[str, Any]:
@@ -361,17 +406,17 @@ def fleet_status(children: Sequence[ChildView]) -> dict[str, Any]:
     methods: dict[str, set[str]] = {}
     processes = []
     for child in children:
-        st = child.status or {}
+        st = (child.status or {}) if child.fresh else {}
         partitions += st.get("partitions", [])
         in_flight += int(st.get("in_flight", 0))
         paused += int(st.get("paused_partitions", 0))
         member = member and child.alive and bool(st.get("member"))
         for name, method in st.get("counting", {}).items():
             methods.setdefault(name, set()).add(method)
-        own = {k: v for k, v in st.items() if k != "ready"}
+        last = {k: v for k, v in (child.status or {}).items() if k != "ready"}
         processes.append(
             {"index": child.number, "pid": child.pid, "alive": child.alive,
-             "ready": child.ready, **own}
+             "ready": child.ready, "fresh": child.fresh, **last}
         )  # fmt: skip
     counting = {
         name: min(seen, key=lambda m: (not m.startswith("tiktoken:"), m))
@@ -398,7 +443,7 @@ async def _supervise(
     settings: Settings,
     processes: list[BaseProcess],
     ports: list[int],
-    own: socket.socket | None,
+    own: list[socket.socket],
     early: _EarlySignals,
 ) -> int:
     loop = asyncio.get_running_loop()
@@ -422,11 +467,11 @@ async def _supervise(
         on_signal(early.asked)
     health = HealthServer(
         settings.health_host, settings.health_port, fleet.ready, fleet.status, fleet.live,
-        sock=own,
+        socks=own,
     )  # fmt: skip
     poller = asyncio.create_task(_poll_forever(fleet))  # apart: a slow child delays no stop
     try:
-        if own is not None:
+        if own:
             await health.start()
         while not stop.is_set():
             exited = [c for c in fleet.children if not c.alive()]
@@ -450,6 +495,9 @@ async def _supervise(
         poller.cancel()
         await _stop_all(fleet, settings.drain_timeout_s + KILL_AFTER_S)
         await health.stop()
+        # Held from here to the exit: with the loop's handlers gone, a late SIGTERM would
+        # kill the parent before it returns the code it worked out.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         for sig in _SIGNALS:
             loop.remove_signal_handler(sig)
     codes = [c.process.exitcode for c in fleet.children]
@@ -459,18 +507,21 @@ async def _supervise(
 
 
 def exit_code(codes: Sequence[int | None], unasked: Sequence[int | None]) -> int:
-    """The parent's exit code: a child that exited unasked decides it (its code, 1 for a
-    signal or a clean exit nobody asked for); otherwise 0 when every child stopped with
-    0, else the worst code of theirs (2, refused by the broker, over 1)."""
-    for code in unasked:
-        return code if code is not None and code > 0 else 1
+    """The parent's exit code: the children that exited unasked decide it (the worst of
+    their codes, 1 for a signal or a clean exit nobody asked for); otherwise 0 when every
+    child stopped with 0, else the worst code of theirs (2, refused by the broker, over 1)."""
+    if unasked:
+        return max(code if code is not None and code > 0 else 1 for code in unasked)
     # a child still running, or killed by a signal (negative), did not drain: 1
     return max((1 if code is None or code < 0 else code for code in codes), default=0)
 
 
 async def _poll_forever(fleet: _Fleet) -> None:
     while True:
-        await _poll(fleet)
+        try:
+            await _poll(fleet)
+        except Exception:  # a bug: said, and the children turn silent (not live) in time
+            log.exception("reading the worker processes' status failed")
         await asyncio.sleep(POLL_S)
 
 

@@ -162,7 +162,7 @@ async def serve(
         state.ready,
         status=state.status,
         live=state.live,
-        sock=health_socket,
+        socks=[health_socket] if health_socket is not None else (),
     )
     watch.bind()
     quiet.install()
@@ -466,5 +466,8 @@ async def _main(
     try:
         return await serve(settings, stop=stop, telemetry=telemetry, health_socket=health_socket)
     finally:
+        # Drained: held from here to the exit, so a late one (a TOKENHEAP_PROCESSES parent
+        # passing on a stop this worker already made) cannot kill it in its last export.
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
