@@ -187,7 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     command(
         "worker",
         "run the Kafka worker",
-        "Consume requests, publish results; health on TOKENHEAP_HEALTH_PORT.",
+        "Consume requests, publish results; health on TOKENHEAP_HEALTH_PORT. "
+        "TOKENHEAP_PROCESSES=N runs N workers forked from one (a core each).",
     )
     dlq = command(
         "dlq",
