@@ -206,6 +206,13 @@ class Catalog(_Frozen):
             )
         return self.models[best]
 
+    def local_encodings(self) -> list[str]:
+        """The vocabularies its OpenAI models count with, sorted: what a worker loads at
+        start-up (and a `TOKENHEAP_PROCESSES` parent before forking)."""
+        return sorted(
+            {m.encoding for m in self.models.values() if m.provider == "openai" and m.encoding}
+        )
+
     def profile(self, name: str) -> Profile:
         try:
             return self.profiles[name]

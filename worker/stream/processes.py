@@ -43,6 +43,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from worker.catalog import load_catalog
 from worker.count.backends import BackendName, fastokens_tokenizer, resolve_backend
 from worker.count.vocab import encoding
 from worker.errors import ConfigError, TokenheapError
@@ -84,16 +85,6 @@ def within(step: Callable[[], None], seconds: float, what: str) -> None:
         log.warning("%s did not finish in %.0f s; exiting without it", what, seconds)
 
 
-def openai_encodings(settings: Settings) -> list[str]:
-    """The vocabularies a worker loads at start-up (those of the catalog's OpenAI models)."""
-    from worker.catalog import load_catalog
-
-    catalog = load_catalog(settings.config_dir)
-    return sorted(
-        {m.encoding for m in catalog.models.values() if m.provider == "openai" and m.encoding}
-    )
-
-
 def run_processes(settings: Settings, child_main: ChildMain) -> int:
     """Load, fork `settings.processes` children running `child_main`, supervise them; the
     exit code (`exit_code`). SIGTERM and SIGINT are left blocked: the caller exits next."""
@@ -115,7 +106,7 @@ def _run(settings: Settings, child_main: ChildMain, early: _EarlySignals) -> int
     try:
         log.info("loading the vocabularies for %d worker processes", n)
         _import_what_children_run()
-        names = openai_encodings(settings)
+        names = load_catalog(settings.config_dir).local_encodings()
         load_vocabularies(names, settings.count_backend)
         log.info(
             "vocabularies %s loaded in %.1f s; starting %d worker processes",
@@ -168,19 +159,8 @@ def _fork_and_supervise(
             if sock is not None:
                 sock.close()
         return asyncio.run(_supervise(settings, children, ports, own, early))
-    finally:  # (the signals stay blocked: the parent exits next)
-        if any(child.is_alive() for child in children):  # the parent itself failed
-            for child in children:
-                with contextlib.suppress(ProcessLookupError):
-                    if child.pid:
-                        os.kill(child.pid, signal.SIGTERM)
-            deadline = time.monotonic() + settings.drain_timeout_s + KILL_AFTER_S
-            for child in children:
-                child.join(max(0.0, deadline - time.monotonic()))
-        for child in children:
-            if child.is_alive():
-                child.kill()
-            child.join(5)
+    finally:  # none left running, whatever failed (the signals stay blocked: the exit is next)
+        stop_children(children, settings.drain_timeout_s + KILL_AFTER_S)
 
 
 def _import_what_children_run() -> None:
@@ -493,7 +473,7 @@ async def _supervise(
     finally:  # a failure of the parent's own stops them too
         fleet.stopping = True
         poller.cancel()
-        await _stop_all(fleet, settings.drain_timeout_s + KILL_AFTER_S)
+        await asyncio.to_thread(stop_children, processes, settings.drain_timeout_s + KILL_AFTER_S)
         await health.stop()
         # Held from here to the exit: with the loop's handlers gone, a late SIGTERM would
         # kill the parent before it returns the code it worked out.
@@ -552,20 +532,19 @@ async def _read_status(port: int) -> dict[str, Any] | None:
     return None
 
 
-async def _stop_all(fleet: _Fleet, within_s: float) -> None:
-    """SIGTERM to every child still running; SIGKILL to any still running `within_s` later."""
-    for c in fleet.children:
-        if c.alive() and c.process.pid:  # (never pid 0: that would be the whole group)
+def stop_children(children: Sequence[BaseProcess], within_s: float) -> None:
+    """SIGTERM to every child still running, SIGKILL to any still running `within_s` later;
+    all of them reaped. (Blocking: the parent's loop runs it on a thread, its health
+    endpoint answering "stopping" meanwhile.)"""
+    for child in children:
+        if child.is_alive() and child.pid:  # (never pid 0: that would be the whole group)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(c.process.pid, signal.SIGTERM)
-    deadline = asyncio.get_running_loop().time() + within_s
-    while any(c.alive() for c in fleet.children):
-        if asyncio.get_running_loop().time() > deadline:
-            for c in fleet.children:
-                if c.alive():
-                    log.error("worker process %d did not stop in time; killing it", c.index)
-                    c.process.kill()
-            break
-        await asyncio.sleep(0.1)
-    for c in fleet.children:
-        await asyncio.to_thread(c.process.join, 5)
+                os.kill(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + within_s
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+    for k, child in enumerate(children):
+        if child.is_alive():
+            log.error("worker process %d did not stop in time; killing it", k)
+            child.kill()
+        child.join(5)

@@ -381,13 +381,7 @@ async def _warm(engine: Engine) -> None:
     worker joins counting with tiktoken (exact too, a fifth of the load time) and each
     vocabulary switches over once loaded."""
     began = time.perf_counter()
-    names = sorted(
-        {
-            m.encoding
-            for m in engine.catalog.models.values()
-            if m.provider == "openai" and m.encoding
-        }
-    )
+    names = engine.catalog.local_encodings()
     behind = await asyncio.to_thread(engine.preload, names, behind=True)
     log.info("vocabularies %s loaded in %.1f s", ", ".join(names), time.perf_counter() - began)
     if behind is not None:
