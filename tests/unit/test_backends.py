@@ -50,9 +50,20 @@ def test_real_text_and_tricky_strings_count_the_same(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ENCODINGS)
+def test_counting_on_the_callers_thread_counts_the_same(name: str) -> None:
+    """The inline path (`count_here`, one text at a time) against the reference, special
+    token look-alikes and lone surrogates included."""
+    texts = [*paragraphs()[:300], *TRICKY]
+    assert fast(name).count_here(texts) == reference(name, texts)
+    assert fast(name).count_here(["lone \udfff", "fine"]) == reference(name, ["lone \udfff", "fine"])
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
 @given(texts=st.lists(st.text(min_size=0, max_size=300), min_size=1, max_size=20))
 def test_arbitrary_unicode_counts_the_same(name: str, texts: list[str]) -> None:
-    assert fast(name).count_many(texts) == reference(name, texts)
+    expected = reference(name, texts)
+    assert fast(name).count_many(texts) == expected
+    assert fast(name).count_here(texts) == expected
 
 
 def test_engine_results_are_identical_with_the_fast_backend(catalog: Catalog) -> None:

@@ -30,6 +30,11 @@ class Backend(Protocol):
 
     def count_many(self, texts: list[str]) -> list[int]: ...
 
+    def count_here(self, texts: list[str]) -> list[int]:
+        """`count_many` on the caller's thread alone: for the small misses counted inline,
+        where waking other threads costs more than the counting."""
+        ...
+
 
 class TiktokenBackend:
     """tiktoken releases the GIL while encoding, so parts run in parallel on threads."""
@@ -46,6 +51,8 @@ class TiktokenBackend:
             return self.enc.count_ordinary(texts)
         encode = self.enc.encode_ordinary
         return [len(encode(t)) for t in texts]
+
+    count_here = count_many  # tiktoken counts on the calling thread anyway
 
 
 class FastokensBackend:
@@ -68,6 +75,18 @@ class FastokensBackend:
         ends = array.array("Q")
         ends.frombytes(offsets)
         return [ends[i + 1] - ends[i] for i in range(len(texts))]
+
+    def count_here(self, texts: list[str]) -> list[int]:
+        """One text at a time on this thread. The batch call hands even three short texts
+        to its thread pool, whose threads must wake (and then spin) for each request's few
+        new turns: measured in process on the reuse requests, about half the counting CPU
+        this way, with the same counts (`encode_ordinary` matches no special token, as
+        `split_special_tokens` does not)."""
+        encode = self._tok.encode_ordinary
+        try:
+            return [len(encode(t)) for t in texts]
+        except UnicodeEncodeError:
+            return [len(encode(_replace_surrogates(t))) for t in texts]
 
 
 @cache
