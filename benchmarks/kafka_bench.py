@@ -567,18 +567,32 @@ class Row:
     """Their memory together (proportional set size) halfway through, median."""
 
 
-def contenders(bootstrap: str, logs: Path, base: Path | None, otlp_endpoint: str) -> list[System]:
-    """The passthrough, then each worker configuration: the base tree's (if given) right
-    before this tree's, so the two are measured next to each other."""
+KINDS = ("worker", "worker-eos", "worker-otlp")
+
+
+def contenders(
+    bootstrap: str,
+    logs: Path,
+    base: Path | None,
+    otlp_endpoint: str,
+    kinds: Sequence[str] = KINDS,
+) -> list[System]:
+    """The passthrough, then each worker configuration of `kinds`: the base tree's (if
+    given) right before this tree's, so the two are measured next to each other."""
     systems = [System("passthrough", 1, bootstrap, logs)]
     exporting = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint}
-    kinds = (("worker", 1), ("worker", 2), ("worker-eos", 1), ("worker-otlp", 1))
-    for kind, processes in kinds:
+    configs = (("worker", 1), ("worker", 2), ("worker-eos", 1), ("worker-otlp", 1))
+    trees = (base, None) if base is not None else (None,)
+    for kind, processes in configs:
+        if kind not in kinds:
+            continue
         otel = exporting if kind == "worker-otlp" else None
-        for tree in (base, None) if base is not None else (None,):
+        for tree in trees:
             systems.append(System(kind, processes, bootstrap, logs, tree, otel))
-        if (kind, processes) == ("worker", 2):  # this tree's only: TOKENHEAP_PROCESSES is new
-            systems.append(System(kind, processes, bootstrap, logs, forked=True))
+        if (kind, processes) == ("worker", 2):
+            for tree in trees:  # a base tree from before TOKENHEAP_PROCESSES has no such row
+                if tree is None or (tree / "worker" / "stream" / "processes.py").exists():
+                    systems.append(System(kind, processes, bootstrap, logs, tree, forked=True))
     return systems
 
 
@@ -605,11 +619,12 @@ async def bench(
     base: Path | None = None,
     rounds: int = 1,
     otlp_endpoint: str = "",
+    kinds: Sequence[str] = KINDS,
 ) -> list[Row]:
     values = [build_request(i) for i in range(n)]
     size = statistics.mean(len(v) for v in values)
     print(f"{n} requests, {size / 1024:.1f} KB each on average, {PARTITIONS} partitions")
-    systems = contenders(bootstrap, logs, base, otlp_endpoint)
+    systems = contenders(bootstrap, logs, base, otlp_endpoint, kinds)
     rows = [Row(s.label, s.kind) for s in systems]
     rates: list[list[Throughput]] = [[] for _ in systems]
     for r in range(rounds):
@@ -816,7 +831,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="another tokenheap checkout whose worker runs beside this one's",
     )
+    parser.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help="the worker configurations to run, comma-separated (default: all of "
+        f"{', '.join(KINDS)}); the passthrough and the plain worker always run (latency "
+        "is measured at half the slowest plain worker's throughput)",
+    )
     args = parser.parse_args(argv)
+    kinds = ["worker", *(k for k in args.kinds.split(",") if k and k != "worker")]
+    if unknown := set(kinds) - set(KINDS):
+        parser.error(f"--kinds: unknown {', '.join(sorted(unknown))}")
     if args.cmd == "passthrough":
         asyncio.run(passthrough(args.bootstrap, args.src, args.dst, args.group, args.ready_file))
         return 0
@@ -839,6 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.base_tree,
                 args.rounds,
                 otlp,
+                kinds,
             )
         )
     print()
