@@ -35,6 +35,10 @@ class Backend(Protocol):
         where waking other threads costs more than the counting."""
         ...
 
+    def warm(self) -> None:
+        """Build now what the backend would build on its first call (once a process)."""
+        ...
+
 
 class TiktokenBackend:
     """tiktoken releases the GIL while encoding, so parts run in parallel on threads."""
@@ -54,6 +58,9 @@ class TiktokenBackend:
 
     count_here = count_many  # tiktoken counts on the calling thread anyway
 
+    def warm(self) -> None:
+        """Nothing to build: tiktoken's encodings are ready when made."""
+
 
 class FastokensBackend:
     """fastokens' batch call releases the GIL and spreads one batch over all cores."""
@@ -63,6 +70,7 @@ class FastokensBackend:
 
     def __init__(self, encoding_name: str) -> None:
         self._tok = fastokens_tokenizer(encoding_name)
+        self.encoding_name = encoding_name
         self.name = f"fastokens:{encoding_name}"
 
     def count_many(self, texts: list[str]) -> list[int]:
@@ -88,12 +96,22 @@ class FastokensBackend:
         except UnicodeEncodeError:
             return [len(encode(_replace_surrogates(t))) for t in texts]
 
-    def warm_here(self) -> None:
-        """Build this thread's own caches now. fastokens gives each thread that encodes its
-        own (about 70 MB, 0.15-0.35 s to build on this project's machine), on its first
-        call: a `TOKENHEAP_PROCESSES` parent builds them before forking, so each child
-        starts with them (shared until written) instead of its first request paying."""
-        self.count_here(["warm"])
+    def warm(self) -> None:
+        """Build what fastokens builds on a first call, now, on this thread, once a process:
+        most of it per tokenizer (0.2-0.4 s on this project's machine), the rest per
+        thread (that thread's caches, about 70 MB, 0.05-0.1 s). A worker loading fastokens
+        behind calls this on the loading thread, so its event loop's first count pays only
+        its own thread's part; a `TOKENHEAP_PROCESSES` parent calls it on the thread it
+        forks from, so a child's event loop starts with all of it (shared until written)
+        and the child's own load behind, finding it done, builds no caches it won't use."""
+        if self.encoding_name not in _WARM:
+            self.count_here(["warm"])
+            _WARM.add(self.encoding_name)
+
+
+_WARM: set[str] = set()
+"""Encodings whose fastokens tokenizer has made its first count in this process (a forked
+child inherits its parent's)."""
 
 
 @cache

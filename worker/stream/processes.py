@@ -199,7 +199,7 @@ def load_vocabularies(names: Sequence[str], backend: BackendName) -> None:
     loads side by side (its loader releases the GIL); one that fails to load is left to
     the children, which count with tiktoken and say so, as a single worker does. Its
     per-thread caches are built here too, on the thread that forks: a child's event loop
-    counts on that thread's copy (`FastokensBackend.warm_here`)."""
+    counts on that thread's copy (`FastokensBackend.warm`)."""
     for name in names:
         encoding(name)
     if names and resolve_backend(backend) == "fastokens":
@@ -207,7 +207,7 @@ def load_vocabularies(names: Sequence[str], backend: BackendName) -> None:
             with ThreadPoolExecutor(len(names), "tokenheap-load") as pool:
                 list(pool.map(fastokens_tokenizer, names))
             for name in names:
-                FastokensBackend(name).warm_here()
+                FastokensBackend(name).warm()
         except Exception as exc:
             log.warning("fastokens could not be loaded before the fork: %r", exc)
 
