@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
@@ -12,7 +11,6 @@ from hypothesis import strategies as st
 
 from benchmarks.corpus import paragraphs
 from worker.catalog import Catalog
-from worker.count import backends
 from worker.count.backends import FastokensBackend, TiktokenBackend
 from worker.count.vocab import encoding
 from worker.engine.engine import Engine
@@ -52,21 +50,9 @@ def test_real_text_and_tricky_strings_count_the_same(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ENCODINGS)
-def test_counting_on_the_callers_thread_counts_the_same(name: str) -> None:
-    """The inline path (`count_here`, one text at a time) against the reference, special
-    token look-alikes and lone surrogates included."""
-    texts = [*paragraphs()[:300], *TRICKY]
-    assert fast(name).count_here(texts) == reference(name, texts)
-    lone = ["lone \udfff", "fine"]
-    assert fast(name).count_here(lone) == reference(name, lone)
-
-
-@pytest.mark.parametrize("name", ENCODINGS)
 @given(texts=st.lists(st.text(min_size=0, max_size=300), min_size=1, max_size=20))
 def test_arbitrary_unicode_counts_the_same(name: str, texts: list[str]) -> None:
-    expected = reference(name, texts)
-    assert fast(name).count_many(texts) == expected
-    assert fast(name).count_here(texts) == expected
+    assert fast(name).count_many(texts) == reference(name, texts)
 
 
 def test_engine_results_are_identical_with_the_fast_backend(catalog: Catalog) -> None:
@@ -97,31 +83,3 @@ def test_engine_results_are_identical_with_the_fast_backend(catalog: Catalog) ->
     assert slow == quick
     assert results[1].count_method == "fastokens:o200k_base"
     assert slow["dropped"], "the request should be over budget so drops are compared too"
-
-
-def test_a_load_behind_makes_the_first_count_on_its_own_thread(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """fastokens' first count builds its set-up (tenths of a second): a worker's load
-    behind makes it on the loading thread, not its event loop; once a process, so a forked
-    child (which inherits the set) does not build caches for a thread that never counts."""
-    monkeypatch.setattr(backends, "_WARM", set())
-    threads: list[str] = []
-    real = FastokensBackend.count_here
-
-    def spy(self: FastokensBackend, texts: list[str]) -> list[int]:
-        threads.append(threading.current_thread().name)
-        return real(self, texts)
-
-    monkeypatch.setattr(FastokensBackend, "count_here", spy)
-    engine = Engine(backend="fastokens")
-    try:
-        behind = engine.preload(["o200k_base"], behind=True)
-        assert behind is not None
-        behind.result(timeout=60)
-        assert threads == ["tokenheap-load"]
-        assert "o200k_base" in backends._WARM and len(backends._WARM) == 1
-        FastokensBackend("o200k_base").warm()  # once a process
-        assert threads == ["tokenheap-load"]
-    finally:
-        engine.close()

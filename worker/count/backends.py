@@ -30,15 +30,6 @@ class Backend(Protocol):
 
     def count_many(self, texts: list[str]) -> list[int]: ...
 
-    def count_here(self, texts: list[str]) -> list[int]:
-        """`count_many` on the caller's thread alone: for the small misses counted inline,
-        where waking other threads costs more than the counting."""
-        ...
-
-    def warm(self) -> None:
-        """Build now what the backend would build on its first call (once a process)."""
-        ...
-
 
 class TiktokenBackend:
     """tiktoken releases the GIL while encoding, so parts run in parallel on threads."""
@@ -56,11 +47,6 @@ class TiktokenBackend:
         encode = self.enc.encode_ordinary
         return [len(encode(t)) for t in texts]
 
-    count_here = count_many  # tiktoken counts on the calling thread anyway
-
-    def warm(self) -> None:
-        """Nothing to build: tiktoken's encodings are ready when made."""
-
 
 class FastokensBackend:
     """fastokens' batch call releases the GIL and spreads one batch over all cores."""
@@ -70,7 +56,6 @@ class FastokensBackend:
 
     def __init__(self, encoding_name: str) -> None:
         self._tok = fastokens_tokenizer(encoding_name)
-        self.encoding_name = encoding_name
         self.name = f"fastokens:{encoding_name}"
 
     def count_many(self, texts: list[str]) -> list[int]:
@@ -83,35 +68,6 @@ class FastokensBackend:
         ends = array.array("Q")
         ends.frombytes(offsets)
         return [ends[i + 1] - ends[i] for i in range(len(texts))]
-
-    def count_here(self, texts: list[str]) -> list[int]:
-        """One text at a time on this thread. The batch call hands even three short texts
-        to its thread pool, whose threads must wake (and then spin) for each request's few
-        new turns: measured in process on the reuse requests, about half the counting CPU
-        this way, with the same counts (`encode_ordinary` matches no special token, as
-        `split_special_tokens` does not)."""
-        encode = self._tok.encode_ordinary
-        try:
-            return [len(encode(t)) for t in texts]
-        except UnicodeEncodeError:
-            return [len(encode(_replace_surrogates(t))) for t in texts]
-
-    def warm(self) -> None:
-        """Build what fastokens builds on a first call, now, on this thread, once a process:
-        most of it per tokenizer (0.2-0.4 s on this project's machine), the rest per
-        thread (that thread's caches, about 70 MB, 0.05-0.1 s). A worker loading fastokens
-        behind calls this on the loading thread, so its event loop's first count pays only
-        its own thread's part; a `TOKENHEAP_PROCESSES` parent calls it on the thread it
-        forks from, so a child's event loop starts with all of it (shared until written)
-        and the child's own load behind, finding it done, builds no caches it won't use."""
-        if self.encoding_name not in _WARM:
-            self.count_here(["warm"])
-            _WARM.add(self.encoding_name)
-
-
-_WARM: set[str] = set()
-"""Encodings whose fastokens tokenizer has made its first count in this process (a forked
-child inherits its parent's)."""
 
 
 @cache

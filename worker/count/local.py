@@ -161,7 +161,7 @@ class LocalCounter:
         if not todo_texts:
             return
         if self.here or sum(map(len, todo_texts)) <= self.backend.inline_chars:
-            counts = self.backend.count_here(todo_texts)
+            counts = self.backend.count_many(todo_texts)
             for key, at in waiting:
                 refs[at] = counts[todo[key]]
             self.cache.put_many(self.namespace, zip(todo, counts, strict=True))

@@ -238,8 +238,6 @@ class Engine:
         try:
             with ThreadPoolExecutor(len(names), "tokenheap-load") as pool:
                 built = list(pool.map(lambda n: make_backend(encoding(n), self.backend), names))
-            for backend in built:  # its first count's set-up, off the caller's thread
-                backend.warm()
             for name, backend in zip(names, built, strict=True):
                 self._local[name].use(backend)
         except BaseException as exc:  # tiktoken goes on counting; the caller reports it

@@ -44,12 +44,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from worker.catalog import load_catalog
-from worker.count.backends import (
-    BackendName,
-    FastokensBackend,
-    fastokens_tokenizer,
-    resolve_backend,
-)
+from worker.count.backends import BackendName, fastokens_tokenizer, resolve_backend
 from worker.count.vocab import encoding
 from worker.errors import ConfigError, TokenheapError
 from worker.runtime import settle_heap
@@ -197,17 +192,13 @@ def load_vocabularies(names: Sequence[str], backend: BackendName) -> None:
     when the backend is fastokens, its tokenizers too (both cached per process, so each
     child's start-up finds them built: no load behind, nothing built twice). fastokens
     loads side by side (its loader releases the GIL); one that fails to load is left to
-    the children, which count with tiktoken and say so, as a single worker does. Its
-    per-thread caches are built here too, on the thread that forks: a child's event loop
-    counts on that thread's copy (`FastokensBackend.warm`)."""
+    the children, which count with tiktoken and say so, as a single worker does."""
     for name in names:
         encoding(name)
     if names and resolve_backend(backend) == "fastokens":
         try:
             with ThreadPoolExecutor(len(names), "tokenheap-load") as pool:
                 list(pool.map(fastokens_tokenizer, names))
-            for name in names:
-                FastokensBackend(name).warm()
         except Exception as exc:
             log.warning("fastokens could not be loaded before the fork: %r", exc)
 
