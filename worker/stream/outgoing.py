@@ -36,6 +36,16 @@ def value_limit(max_message_bytes: int) -> int:
     return max(1, max_message_bytes - RECORD_OVERHEAD_BYTES)
 
 
+_RESULT_JSON = FitResult.__pydantic_serializer__
+
+
+def result_json(result: FitResult) -> bytes:
+    """`result.model_dump_json(exclude_none=True).encode()` without the `str` between:
+    pydantic writes UTF-8 bytes, which `model_dump_json` decodes only for us to encode
+    again (~10 us of a resent 33 KB conversation's ~75 us dump, 1000 results timed)."""
+    return _RESULT_JSON.to_json(result, exclude_none=True)
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """One message to send; built from a contract model, never from raw prompt text."""
@@ -54,7 +64,7 @@ def result_message(
 ) -> Outgoing:
     """A result keyed by conversation (else request) so one conversation stays in order; the
     `request_id` header says which request it answers."""
-    value = result.model_dump_json(exclude_none=True).encode()
+    value = result_json(result)
     if len(value) > max_value_bytes:
         log.warning("%s: result of %d bytes is too large to publish", result.request_id, len(value))
         result = FitResult(
@@ -72,7 +82,7 @@ def result_message(
             conversation_id=result.conversation_id,
             metadata=result.metadata,
         )
-        value = result.model_dump_json(exclude_none=True).encode()
+        value = result_json(result)
     return Outgoing(topic, key.encode(), value, _request_header(result.request_id))
 
 
