@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -1200,3 +1201,126 @@ def test_request_log_record_names_its_caller(
     assert (record.funcName, record.pathname) == ("log_result", logs.__file__)
     assert record.getMessage().startswith("r1 fit ")
     assert record.__dict__["duration_ms"] == 500.0
+
+
+class _Pass(logging.Filter):
+    """A filter of someone else's: it changes nothing, but the ledger line must then go
+    the standard way, through `LogRecord` and every filter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return True
+
+
+@contextmanager
+def bare_root() -> Iterator[None]:
+    """The root logger as a worker process has it: no handler but what the test installs
+    (pytest's log capture, on the root while a test runs, is another way out)."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    for h in saved:
+        root.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in saved:
+            root.addHandler(h)
+
+
+@pytest.mark.parametrize("process", [None, 1])
+@pytest.mark.parametrize("in_span", [False, True])
+def test_request_line_written_directly_is_the_handlers_own(
+    engine: Engine, make_request: Callable[..., AssemblyRequest], in_span: bool, process: int | None
+) -> None:
+    """The ledger line `log_result` writes through the stream of the JSON handler is the
+    line the handler writes for the record: same keys in the same order, same values (the
+    timestamp aside, read a moment apart), the span's ids and the process tag included."""
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from worker.telemetry import logs
+
+    results = [
+        fit(engine, tight(make_request)),
+        fit(engine, make_request()),
+        error_result("e1", "gpt-4o", OverBudget("too big")),
+    ]
+    out = io.StringIO()
+    logger = logging.getLogger(logs.REQUEST_LOGGER)
+    ctx = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
+    span = NonRecordingSpan(ctx) if in_span else trace.INVALID_SPAN
+    lines: dict[str, list[str]] = {}
+    with bare_root():
+        handler = configure_logging("INFO", stream=out)
+        if process is not None:
+            logs.tag_process(process)
+        passing = _Pass()
+        try:
+            for way in ("direct", "standard"):
+                if way == "standard":
+                    logger.addFilter(passing)
+                assert (logs._only_handler(logger) is handler) == (way == "direct")
+                with trace.use_span(span):
+                    for r in results:
+                        logs.log_result(logger, r, 0.25)
+                lines[way] = out.getvalue().splitlines()
+                out.seek(0)
+                out.truncate()
+        finally:
+            logger.removeFilter(passing)
+            logging.getLogger().removeHandler(handler)
+    direct = [json.loads(x) for x in lines["direct"]]
+    standard = [json.loads(x) for x in lines["standard"]]
+    assert len(direct) == len(standard) == len(results)
+    for a, b in zip(direct, standard, strict=True):
+        assert abs(_epoch(a.pop("ts")) - _epoch(b.pop("ts"))) < 5
+        assert list(a.items()) == list(b.items())
+        assert ("trace_id" in a) == in_span and a.get("worker_process") == process
+    assert direct[0]["dropped"] and direct[2]["error_code"] == "over_budget"
+
+
+def _epoch(ts: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(ts).timestamp()
+
+
+def test_request_line_reaches_every_handler_when_there_are_others(
+    engine: Engine, make_request: Callable[..., AssemblyRequest]
+) -> None:
+    """Another handler anywhere on the way (pytest's caplog, an application's own) gets
+    its record, and the JSON handler its line, as `logging` would deliver them."""
+    from worker.telemetry import logs
+
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    out = io.StringIO()
+    parent = logging.getLogger("tokenheap")
+    logger = logging.getLogger(logs.REQUEST_LOGGER)
+    with bare_root():
+        handler = configure_logging("INFO", stream=out)
+        assert logs._only_handler(logger) is handler
+        parent.addHandler(keep := Keep())
+        try:
+            assert logs._only_handler(logger) is None
+            logs.log_result(logger, fit(engine, make_request()), 0.1)
+        finally:
+            parent.removeHandler(keep)
+            logging.getLogger().removeHandler(handler)
+    (record,) = seen
+    (line,) = out.getvalue().splitlines()
+    assert json.loads(line)["message"] == record.getMessage()
+
+
+def test_json_lines_write_what_pydantic_cannot() -> None:
+    """A value with no JSON of its own is written as its `str`; a line the fast writer
+    refuses whole (bytes that are not UTF-8) is still written, by the stdlib's encoder."""
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+    record.thing = ConfigError("no models.yaml")
+    record.raw = b"\xff\xfe"
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc["raw"] == str(b"\xff\xfe") and doc["thing"] == str(record.thing)
+    record.raw = b"ok"
+    assert json.loads(JsonFormatter().format(record))["raw"] == "ok"
