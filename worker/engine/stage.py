@@ -9,7 +9,7 @@ package, which re-exports them in `worker.telemetry.names`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Final, Literal, Protocol
 
@@ -32,19 +32,24 @@ _ACTIVE_TRACER: ContextVar[Tracer | None] = ContextVar("tokenheap_tracer", defau
 """The tracer of the OtelTelemetry in charge (set by its scopes), else the global one."""
 
 
-@contextmanager
-def stage(name: Stage, **attributes: AttributeValue) -> Iterator[SpanLike]:
+def stage(name: Stage, **attributes: AttributeValue) -> AbstractContextManager[SpanLike]:
     """A child span `<name>` (count, allocate, ...) of whatever span is current.
 
-    Records nothing outside a recording span (the batched CLI path), so the engine can call
-    it unconditionally. Work handed to a thread pool runs outside the caller's context:
-    wrap the `await` on the executor, or run the job under `contextvars.copy_context()`.
-    Attributes must be counts or ids, never text.
+    Records nothing outside a recording span (the batched CLI path, a worker with no
+    exporter), so the engine can call it unconditionally: it is then the current span
+    itself as a context, not a generator made, entered and closed three times a request.
+    Work handed to a thread pool runs outside the caller's context: wrap the `await` on
+    the executor, or run the job under `contextvars.copy_context()`. Attributes must be
+    counts or ids, never text.
     """
     parent = trace.get_current_span()
     if not parent.is_recording():
-        yield parent
-        return
+        return nullcontext(parent)
+    return _recording(name, attributes)
+
+
+@contextmanager
+def _recording(name: Stage, attributes: dict[str, AttributeValue]) -> Iterator[SpanLike]:
     tracer = _ACTIVE_TRACER.get() or trace.get_tracer(SCOPE)
     attrs: dict[str, AttributeValue] = {ATTR_STAGE: name, **attributes}
     with tracer.start_as_current_span(

@@ -6,7 +6,7 @@ The worker only ever talks to `Telemetry`; span, metric and alert details live b
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 from worker.engine.request import AssemblyRequest
@@ -21,7 +21,6 @@ KafkaHeaders = Sequence[tuple[str, bytes]]
 
 
 class Telemetry(Protocol):
-    @contextmanager
     def process(
         self,
         *,
@@ -31,7 +30,7 @@ class Telemetry(Protocol):
         group: str,
         key: bytes | None,
         headers: KafkaHeaders,
-    ) -> Iterator[SpanLike]:
+    ) -> AbstractContextManager[SpanLike]:
         """A CONSUMER `process <topic>` span, child of the trace context in `headers`."""
         ...
 

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -123,7 +123,6 @@ class OtelTelemetry:
 
     # -- the Telemetry protocol -----------------------------------------------------------
 
-    @contextmanager
     def process(
         self,
         *,
@@ -133,12 +132,23 @@ class OtelTelemetry:
         group: str,
         key: bytes | None,
         headers: KafkaHeaders,
-    ) -> Iterator[SpanLike]:
-        """A CONSUMER `process <topic>` span, child of the trace context in `headers`."""
+    ) -> AbstractContextManager[SpanLike]:
+        """A CONSUMER `process <topic>` span, child of the trace context in `headers`
+        (under a no-op tracer, `_carry` itself: one generator a record, not two)."""
         if not self._tracing:
-            with self._carry(topic=topic, group=group, headers=headers) as span:
-                yield span
-            return
+            return self._carry(topic=topic, group=group, headers=headers)
+        return self._traced(topic, partition, offset, group, key, headers)
+
+    @contextmanager
+    def _traced(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        group: str,
+        key: bytes | None,
+        headers: KafkaHeaders,
+    ) -> Iterator[SpanLike]:
         parent = propagate.extract(headers, context=Context(), getter=spans.KAFKA_GETTER)
         attrs = spans.process_attributes(
             topic=topic, partition=partition, offset=offset, group=group, key=key
