@@ -1314,13 +1314,71 @@ def test_request_line_reaches_every_handler_when_there_are_others(
     assert json.loads(line)["message"] == record.getMessage()
 
 
+def test_request_line_is_written_once_when_the_stream_cannot_flush(
+    engine: Engine, make_request: Callable[..., AssemblyRequest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line written but not flushed (a full non-blocking pipe) is reported as
+    `StreamHandler` reports it, not written a second time the standard way."""
+    from worker.telemetry import logs
+
+    class Stuck(io.StringIO):
+        def flush(self) -> None:
+            raise BlockingIOError("pipe full")
+
+    out = Stuck()
+    reported: list[logging.LogRecord] = []
+    logger = logging.getLogger(logs.REQUEST_LOGGER)
+    with bare_root():
+        handler = configure_logging("INFO", stream=out)
+        monkeypatch.setattr(handler, "handleError", reported.append)
+        try:
+            assert logs._only_handler(logger) is handler
+            logs.log_result(logger, fit(engine, make_request()), 0.1)
+        finally:
+            logging.getLogger().removeHandler(handler)
+    (line,) = out.getvalue().splitlines()
+    (record,) = reported
+    assert json.loads(line)["message"] == record.getMessage()
+
+
+def test_request_line_goes_the_standard_way_for_another_record_factory(
+    engine: Engine, make_request: Callable[..., AssemblyRequest]
+) -> None:
+    """An instrumentation that makes records of its own (extra fields from a record
+    factory) gets them: the line is then made from a `LogRecord`."""
+    from worker.telemetry import logs
+
+    standard = logging.getLogRecordFactory()
+
+    def tagged(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = standard(*args, **kwargs)
+        record.deployment = "blue"
+        return record
+
+    out = io.StringIO()
+    logger = logging.getLogger(logs.REQUEST_LOGGER)
+    with bare_root():
+        handler = configure_logging("INFO", stream=out)
+        logging.setLogRecordFactory(tagged)
+        try:
+            assert logs._only_handler(logger) is None
+            logs.log_result(logger, fit(engine, make_request()), 0.1)
+        finally:
+            logging.setLogRecordFactory(standard)
+            logging.getLogger().removeHandler(handler)
+    (line,) = out.getvalue().splitlines()
+    assert json.loads(line)["deployment"] == "blue"
+
+
 def test_json_lines_write_what_pydantic_cannot() -> None:
     """A value with no JSON of its own is written as its `str`; a line the fast writer
     refuses whole (bytes that are not UTF-8) is still written, by the stdlib's encoder."""
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
     record.thing = ConfigError("no models.yaml")
     record.raw = b"\xff\xfe"
-    doc = json.loads(JsonFormatter().format(record))
+    line = JsonFormatter().format(record)
+    doc = json.loads(line)
     assert doc["raw"] == str(b"\xff\xfe") and doc["thing"] == str(record.thing)
+    assert line.startswith('{"ts":"')  # compact, as pydantic-core writes the others
     record.raw = b"ok"
     assert json.loads(JsonFormatter().format(record))["raw"] == "ok"

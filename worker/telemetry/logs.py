@@ -54,8 +54,9 @@ def _stamp(record: logging.LogRecord) -> None:
         record.span_id = format(ctx.span_id, "016x")
 
 
-_ENCODER: Final = json.JSONEncoder(default=str, ensure_ascii=False)
-"""What `json.dumps(doc, default=str, ensure_ascii=False)` builds anew on every call."""
+_ENCODER: Final = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":"))
+"""What `json.dumps(doc, default=str, ensure_ascii=False, separators=...)` builds anew on
+every call; compact, like pydantic-core's lines."""
 
 
 def _json(doc: dict[str, Any]) -> str:
@@ -261,6 +262,10 @@ def _only_handler(logger: logging.Logger) -> logging.StreamHandler[TextIO] | Non
     handler = _JSON_HANDLER
     if handler is None or logger.filters or handler.level > logging.INFO:
         return None
+    if logging.getLogRecordFactory() is not logging.LogRecord:
+        return None  # records of another shape (an instrumentation's extra fields)
+    if logging.getLevelName(logging.INFO) != "INFO":
+        return None  # the level named otherwise (`logging.addLevelName`)
     if type(handler.formatter) is not JsonFormatter:
         return None
     if any(type(f) not in _OUR_FILTERS for f in handler.filters):
@@ -284,31 +289,39 @@ def _write_direct(
     then goes the standard way, whose `handleError` reports it)."""
     formatter = handler.formatter
     assert isinstance(formatter, JsonFormatter)
-    doc: dict[str, Any] = {
-        "ts": formatter._ts(time.time()),
-        "level": "INFO",
-        "logger": name,
-        "message": message,
-    }
-    ctx = trace.get_current_span().get_span_context()
-    if ctx.is_valid:
-        doc["trace_id"] = format(ctx.trace_id, "032x")
-        doc["span_id"] = format(ctx.span_id, "016x")
-    doc.update(fields)
-    for f in handler.filters:
-        if type(f) is _ProcessTag:
-            doc["worker_process"] = f.index
-    line = _json(doc) + handler.terminator
     lock = handler.lock
-    if lock is not None:
+    if lock is not None:  # held from the timestamp on, as `Handler.handle` holds it to format
         lock.acquire()
     try:
-        handler.stream.write(line)
-        handler.stream.flush()
-    except RecursionError:
-        raise
-    except Exception:  # written (or reported) the standard way instead
-        return False
+        doc: dict[str, Any] = {
+            "ts": formatter._ts(time.time()),
+            "level": "INFO",
+            "logger": name,
+            "message": message,
+        }
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            doc["trace_id"] = format(ctx.trace_id, "032x")
+            doc["span_id"] = format(ctx.span_id, "016x")
+        doc.update(fields)
+        for f in handler.filters:
+            if type(f) is _ProcessTag:
+                doc["worker_process"] = f.index
+        stream = handler.stream
+        try:
+            stream.write(_json(doc) + handler.terminator)
+        except RecursionError:
+            raise
+        except Exception:  # not written: written (or reported) the standard way instead
+            return False
+        flush = getattr(stream, "flush", None)
+        try:
+            if flush is not None:
+                flush()
+        except RecursionError:
+            raise
+        except Exception:  # written, not flushed: reported as `StreamHandler` reports it
+            handler.handleError(logging.LogRecord(name, logging.INFO, "", 0, message, (), None))
     finally:
         if lock is not None:
             lock.release()
