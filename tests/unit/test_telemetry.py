@@ -1212,16 +1212,19 @@ class _Pass(logging.Filter):
 
 
 @contextmanager
-def bare_root() -> Iterator[None]:
-    """The root logger as a worker process has it: no handler but what the test installs
-    (pytest's log capture, on the root while a test runs, is another way out)."""
+def worker_logging(out: io.StringIO) -> Iterator[logging.Handler]:
+    """The root logger as a worker process has it: `configure_logging`'s JSON handler to
+    `out` and no other (pytest's log capture, on the root while a test runs, is another
+    way out), until the block ends."""
     root = logging.getLogger()
     saved = root.handlers[:]
     for h in saved:
         root.removeHandler(h)
+    handler = configure_logging("INFO", stream=out)
     try:
-        yield
+        yield handler
     finally:
+        root.removeHandler(handler)
         for h in saved:
             root.addHandler(h)
 
@@ -1248,11 +1251,10 @@ def test_request_line_written_directly_is_the_handlers_own(
     ctx = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
     span = NonRecordingSpan(ctx) if in_span else trace.INVALID_SPAN
     lines: dict[str, list[str]] = {}
-    with bare_root():
-        handler = configure_logging("INFO", stream=out)
+    passing = _Pass()
+    with worker_logging(out) as handler:
         if process is not None:
             logs.tag_process(process)
-        passing = _Pass()
         try:
             for way in ("direct", "standard"):
                 if way == "standard":
@@ -1266,7 +1268,6 @@ def test_request_line_written_directly_is_the_handlers_own(
                 out.truncate()
         finally:
             logger.removeFilter(passing)
-            logging.getLogger().removeHandler(handler)
     direct = [json.loads(x) for x in lines["direct"]]
     standard = [json.loads(x) for x in lines["standard"]]
     assert len(direct) == len(standard) == len(results)
@@ -1299,8 +1300,7 @@ def test_request_line_reaches_every_handler_when_there_are_others(
     out = io.StringIO()
     parent = logging.getLogger("tokenheap")
     logger = logging.getLogger(logs.REQUEST_LOGGER)
-    with bare_root():
-        handler = configure_logging("INFO", stream=out)
+    with worker_logging(out) as handler:
         assert logs._only_handler(logger) is handler
         parent.addHandler(keep := Keep())
         try:
@@ -1308,7 +1308,6 @@ def test_request_line_reaches_every_handler_when_there_are_others(
             logs.log_result(logger, fit(engine, make_request()), 0.1)
         finally:
             parent.removeHandler(keep)
-            logging.getLogger().removeHandler(handler)
     (record,) = seen
     (line,) = out.getvalue().splitlines()
     assert json.loads(line)["message"] == record.getMessage()
@@ -1328,14 +1327,10 @@ def test_request_line_is_written_once_when_the_stream_cannot_flush(
     out = Stuck()
     reported: list[logging.LogRecord] = []
     logger = logging.getLogger(logs.REQUEST_LOGGER)
-    with bare_root():
-        handler = configure_logging("INFO", stream=out)
+    with worker_logging(out) as handler:
         monkeypatch.setattr(handler, "handleError", reported.append)
-        try:
-            assert logs._only_handler(logger) is handler
-            logs.log_result(logger, fit(engine, make_request()), 0.1)
-        finally:
-            logging.getLogger().removeHandler(handler)
+        assert logs._only_handler(logger) is handler
+        logs.log_result(logger, fit(engine, make_request()), 0.1)
     (line,) = out.getvalue().splitlines()
     (record,) = reported
     assert json.loads(line)["message"] == record.getMessage()
@@ -1357,15 +1352,13 @@ def test_request_line_goes_the_standard_way_for_another_record_factory(
 
     out = io.StringIO()
     logger = logging.getLogger(logs.REQUEST_LOGGER)
-    with bare_root():
-        handler = configure_logging("INFO", stream=out)
+    with worker_logging(out):
         logging.setLogRecordFactory(tagged)
         try:
             assert logs._only_handler(logger) is None
             logs.log_result(logger, fit(engine, make_request()), 0.1)
         finally:
             logging.setLogRecordFactory(standard)
-            logging.getLogger().removeHandler(handler)
     (line,) = out.getvalue().splitlines()
     assert json.loads(line)["deployment"] == "blue"
 
