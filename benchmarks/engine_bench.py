@@ -1,7 +1,7 @@
 """The in-process engine against the floor of any Python engine, per request, in one process.
 
     python -m benchmarks.engine_bench [--rounds 5] [--conversations 50] [--turns 20]
-        [--other-tree /tmp/base]
+        [--kinds reuse agent] [--other-tree /tmp/base]
 
 The floor is what every engine written in Python pays for a request whatever it does in
 between: `json.loads` of the request line and `json.dumps` of the same result the engine
@@ -10,7 +10,9 @@ fresh `Engine.fit_many` over the file (vocabulary loaded beforehand, count cache
 each conversation's first turn and every new turn is counted), and `model_dump_json` of
 each result. Both passes run with the collector as the transports set it after start-up
 (`worker.runtime.settle_heap`). Rounds interleave them; figures are CPU time per request,
-medians. `--other-tree` runs the same engine pass with another checkout's `worker` (a fresh
+medians. Two workloads of the same shape: `reuse` (plain text turns) and `agent` (native
+OpenAI tool calls and tool results before every answer, three tool definitions on every
+request). `--other-tree` runs the same engine pass with another checkout's `worker` (a fresh
 process per round, in the same rounds), so a change is measured against its base.
 """
 
@@ -110,9 +112,15 @@ def _exact(results: list[str], backend: str) -> list[dict[str, Any]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     add_shape_args(ap)
+    ap.add_argument("--kinds", nargs="+", choices=["reuse", "agent"], default=["reuse", "agent"])
     ap.add_argument("--other-tree", type=Path, help="another checkout to time beside this one")
     args = ap.parse_args()
-    path = write("reuse", DATA / "engine-reuse.jsonl", **shape_of(args))
+    for kind in args.kinds:
+        path = write(kind, DATA / f"engine-{kind}.jsonl", **shape_of(args))
+        run(kind, path, args.rounds, args.other_tree)
+
+
+def run(kind: str, path: Path, rounds: int, other_tree: Path | None) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()
     _, first = engine_pass(lines)
     results = [json.loads(r) for r in first]
@@ -120,31 +128,31 @@ def main() -> None:
     backends: list[BackendName] = ["tiktoken", "fastokens"]
     cpu: dict[str, list[float]] = {"floor": [], **{b: [] for b in backends}}
     other: dict[str, list[float]] = {b: [] for b in backends}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         cpu["floor"].append(floor_pass(lines, results))
         for b in backends:
             spent, out = engine_pass(lines, b)
             assert _exact(out, b) == _exact(first, "tiktoken"), f"{b}: results differ"
             cpu[b].append(spent)
-            if args.other_tree is not None:
-                other[b].append(other_pass(args.other_tree, path, b))
+            if other_tree is not None:
+                other[b].append(other_pass(other_tree, path, b))
     n = len(lines)
     ms = {k: statistics.median(v) / n * 1e3 for k, v in cpu.items()}
-    print(f"{n} requests ({ok} ok), {args.rounds} rounds, median CPU per request\n")
+    print(f"\n{kind}: {n} requests ({ok} ok), {rounds} rounds, median CPU per request\n")
     print("| path | ms / request | x the floor |")
     print("| --- | ---: | ---: |")
     print(f"| json.loads(request) + json.dumps(result) (floor) | {ms['floor']:.3f} | 1.00 |")
     for b in backends:
         label = f"decode + Engine.fit_many ({b}) + model_dump_json"
         print(f"| {label} | {ms[b]:.3f} | {ms[b] / ms['floor']:.2f} |")
-    if args.other_tree is not None:
+    if other_tree is not None:
         for b in backends:
             theirs = statistics.median(other[b]) / n * 1e3
             label = f"other tree: decode + Engine.fit_many ({b}) + model_dump_json"
             print(f"| {label} | {theirs:.3f} | {theirs / ms['floor']:.2f} |")
         for b in backends:
             theirs = statistics.median(other[b]) / n * 1e3
-            print(f"\n{b}: this tree takes {ms[b] / theirs:.2f}x the other tree's CPU per request")
+            print(f"\n{kind}, {b}: this tree takes {ms[b] / theirs:.2f}x the other tree's CPU")
 
 
 if __name__ == "__main__":
