@@ -10,13 +10,13 @@ whole units: an OpenAI assistant `tool_calls` message with every `tool` message 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from worker.providers import anthropic as an
 from worker.providers import openai as oa
+from worker.values import value
 
 
-@dataclass(frozen=True)
+@value
 class Unit:
     """Indices into the history, contiguous and in order; `pinned` if any message is."""
 
@@ -67,4 +67,6 @@ def anthropic_units(messages: Sequence[an.Message]) -> list[Unit]:
 
 
 def _unit(messages: Sequence[oa.Message] | Sequence[an.Message], start: int, end: int) -> Unit:
+    if end == start + 1:  # most messages are a unit alone
+        return Unit((start,), messages[start].pin)
     return Unit(tuple(range(start, end)), any(messages[k].pin for k in range(start, end)))

@@ -167,35 +167,33 @@ def check_history(
     rules = rules or default_rules()
     images = images or ImageCheck("openai", model, rules)
     seen_ids: set[str] = set()
-    open_calls: dict[str, str] = {}  # id -> path of the call, for the current run
+    open_calls: dict[str, tuple[int, int]] = {}  # id -> (message, call), for the current run
+    # paths are spelled out only for an error: this runs on every message of every request
     for i, msg in enumerate(messages):
-        here = f"{root}[{i}]"
-        if not isinstance(msg, ToolMessage):
-            _unanswered(open_calls)
+        if open_calls and not isinstance(msg, ToolMessage):
+            _unanswered(open_calls, root)
         if isinstance(msg, AssistantMessage):
-            for j, call in enumerate(msg.tool_calls or []):
+            for j, call in enumerate(msg.tool_calls or ()):
                 if call.id in seen_ids:
                     raise InvalidRequest(
-                        f"{here}.tool_calls[{j}].id: duplicate tool call id {call.id!r}"
+                        f"{root}[{i}].tool_calls[{j}].id: duplicate tool call id {call.id!r}"
                     )
                 seen_ids.add(call.id)
-                open_calls[call.id] = f"{here}.tool_calls[{j}]"
+                open_calls[call.id] = (i, j)
             if msg.content is None and not msg.tool_calls:
                 raise InvalidRequest(
-                    f"{here}.content: an assistant message needs content or tool_calls"
+                    f"{root}[{i}].content: an assistant message needs content or tool_calls"
                 )
-        elif isinstance(msg, ToolMessage):
-            if msg.tool_call_id not in open_calls:
-                raise InvalidRequest(
-                    f"{here}.tool_call_id: {msg.tool_call_id!r} answers no tool call of the "
-                    "assistant message before it (a tool message must follow its tool_calls)"
-                )
-            del open_calls[msg.tool_call_id]
+        elif isinstance(msg, ToolMessage) and open_calls.pop(msg.tool_call_id, None) is None:
+            raise InvalidRequest(
+                f"{root}[{i}].tool_call_id: {msg.tool_call_id!r} answers no tool call of the "
+                "assistant message before it (a tool message must follow its tool_calls)"
+            )
         content = msg.content
         if isinstance(content, list):
             for j, part in enumerate(content):
-                _check_part(part, f"{here}.content[{j}]", images)
-    _unanswered(open_calls)
+                _check_part(part, f"{root}[{i}].content[{j}]", images)
+    _unanswered(open_calls, root)
 
 
 def check_tools(tools: Sequence[Tool] | None, tool_choice: ToolChoice | None) -> None:
@@ -212,10 +210,12 @@ def check_tools(tools: Sequence[Tool] | None, tool_choice: ToolChoice | None) ->
         raise InvalidRequest("tool_choice: 'required' needs at least one tool in tools")
 
 
-def _unanswered(open_calls: dict[str, str]) -> None:
+def _unanswered(open_calls: dict[str, tuple[int, int]], root: str) -> None:
     if open_calls:
-        call_id, path = next(iter(open_calls.items()))
-        raise InvalidRequest(f"{path}: tool call {call_id!r} has no tool message answering it")
+        call_id, (i, j) = next(iter(open_calls.items()))
+        raise InvalidRequest(
+            f"{root}[{i}].tool_calls[{j}]: tool call {call_id!r} has no tool message answering it"
+        )
 
 
 def _check_part(part: Any, path: str, images: ImageCheck) -> None:
