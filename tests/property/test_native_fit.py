@@ -393,26 +393,39 @@ def _comparable(result: FitResult) -> dict[str, Any]:
     history=openai_transcripts() | st.lists(_message, max_size=5),
     cut=st.integers(0, 12),
     window=st.integers(60, 3000),
+    tools=st.none() | _tools | st.lists(st.just({"name": "f", "input_schema": {}}), max_size=2),
+    choice=st.none() | st.sampled_from(["auto", "required", "none", "bogus"]),
+    models=st.lists(st.sampled_from(["gpt-4o", "gpt-4", "gpt-4.1"]), min_size=1, max_size=2),
 )
 def test_a_remembered_message_fits_as_a_new_one(
-    remembering: Any, history: list[dict[str, Any]], cut: int, window: int
+    remembering: Any,
+    history: list[dict[str, Any]],
+    cut: int,
+    window: int,
+    tools: list[dict[str, Any]] | None,
+    choice: str | None,
+    models: list[str],
 ) -> None:
-    """The same conversation a turn earlier and now (and random, often invalid, messages),
-    decoded from JSON: the engine that remembers messages across every example gives the
-    result, or the error naming the same path, that an engine without a memo gives."""
+    """The same conversation a turn earlier and now (and random, often invalid, messages and
+    tool definitions), decoded from JSON: the engine that remembers messages and tool sets
+    across every example (and every model) gives the result, or the error naming the same
+    path, that an engine without a memo gives."""
+    import itertools
     import json
 
     from worker.engine.decode import decode_request
     from worker.errors import TokenheapError
 
     shared, plain = remembering
-    for part in (history[:cut], history, history[:cut]):
+    for part, model in itertools.product((history[:cut], history, history[:cut]), models):
         doc = {
             "request_id": "m",
-            "model": "gpt-4o",
+            "model": model,
             "system": "Be brief.",
             "history": part,
             "query": "And now?",
+            "tools": tools,
+            "tool_choice": choice,
             "budget": {"max_context_tokens": window, "output_reserve": 16},
         }
         try:
@@ -446,3 +459,29 @@ def test_the_message_memo_is_bounded_and_answers_only_what_was_put(
     for key, item in last.items():
         got = memo.get(key)
         assert got is None or got is item
+
+
+@given(
+    st.lists(st.tuples(st.text(max_size=40), st.sampled_from([None, "auto"])), max_size=300),
+    st.integers(0, 20_000),
+)
+def test_remembered_tool_sets_are_bounded_and_answer_only_what_was_put(
+    puts: list[tuple[str, str | None]], max_bytes: int
+) -> None:
+    from worker.engine.memo import MAX_TOOL_SETS, KnownTools, MessageMemo
+
+    memo = MessageMemo(max_bytes)
+    last: dict[bytes, KnownTools] = {}
+    for name, choice in puts:
+        tools = [{"type": "function", "function": {"name": name}}]
+        key = memo.tools_key(tools, choice)
+        assert key is not None
+        assert memo.tools_key(tools, "required" if choice else "auto") != key
+        known = KnownTools(parsed=tools, choice=choice)
+        memo.put_tools(key, known)
+        last[key] = known
+        assert len(memo._tools) <= MAX_TOOL_SETS
+        assert sum(map(len, memo._tools)) <= max_bytes // 2
+    for key, known in last.items():
+        got = memo.tools(key)
+        assert got is None or got is known

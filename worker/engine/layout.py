@@ -86,6 +86,9 @@ class Layout:
     """Plain requests: the request's own turns (OpenAI output passes them through)."""
     inexact: tuple[str, ...] = field(default=())
     """Why counts are not exact: one reason per kind of part counted by an unstated rule."""
+    remembered: tuple[Remembered, ...] = ()
+    """Per history message, the memo's record of it (empty: not the memo's path); the
+    result takes each kept message's model from it."""
 
     def render(self, plan: Plan, units: dict[int, str] | None = None) -> Payload:
         """The payload of a plan; `units` replaces truncated chunks."""
@@ -200,8 +203,10 @@ def build_layout(
         bill_of = lambda m: openai_bill(m, model, rules)  # noqa: E731
     else:
         bill_of = lambda m: anthropic_bill(m, model, rules)  # noqa: E731
+    remembered: tuple[Remembered, ...] = ()
     if native.remembered is not None:
-        messages, bills = _remembered(native.remembered, model, bill_of)
+        remembered = tuple(native.remembered)
+        messages, bills = _remembered(remembered, model, bill_of)
     else:
         messages = tuple(m.sdk() for m in native.history)
         bills = tuple(bill_of(m) for m in native.history)
@@ -227,9 +232,20 @@ def build_layout(
         query_text, query_unit = req.query, tpl.query_template.format(query=req.query)
     else:
         query_bill = bill_of(_QueryMessage(native.query))
-    tools_sdk = [t.sdk() for t in native.tools] if native.tools is not None else None
-    choice_sdk = _dump(native.tool_choice)
-    tb = tools_bill(provider, tools_sdk, choice_sdk, model, encoding, rules)
+    known = native.known_tools
+    if known is None:
+        tools_sdk = [t.sdk() for t in native.tools] if native.tools is not None else None
+        choice_sdk = _dump(native.tool_choice)
+        tb = tools_bill(provider, tools_sdk, choice_sdk, model, encoding, rules)
+    else:  # remembered: dumped once, billed once per model
+        if known.bills == {}:
+            known.sdk = [t.sdk() for t in known.parsed] if known.parsed is not None else None
+            known.choice_sdk = _dump(known.choice)
+        tools_sdk, choice_sdk = known.sdk, known.choice_sdk
+        tb = known.bills.get(model) or tools_bill(
+            provider, tools_sdk, choice_sdk, model, encoding, rules
+        )
+        known.bills[model] = tb
     reasons = sorted({r for b in (system_bill, *bills, query_bill, tb) for r in b.inexact})
     return Layout(
         system=system_text,
@@ -249,12 +265,13 @@ def build_layout(
         tools_bill=tb,
         legacy=False,
         inexact=tuple(reasons),
+        remembered=remembered,
         **common,
     )
 
 
 def _remembered(
-    items: list[Remembered], model: str, bill_of: Callable[[Any], Bill]
+    items: Sequence[Remembered], model: str, bill_of: Callable[[Any], Bill]
 ) -> tuple[tuple[dict[str, Any], ...], tuple[Bill, ...]]:
     """SDK forms and bills of remembered messages, made for those that lack them."""
     messages: list[dict[str, Any]] = []

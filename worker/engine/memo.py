@@ -8,6 +8,9 @@ for its new messages only. What does depend on the other messages (the provider'
 rules, such as every tool call answered right after it; and the exchanges trimming keeps
 whole) is still checked on every request, on the remembered models.
 
+The tool definitions (and `tool_choice`) a pipeline sends on every request are kept the same
+way, by their JSON text: parsed, checked, dumped and billed once.
+
 A message is keyed by its content: a plain turn by its fields, a native message by its
 JSON text (key order included: a reordered message is only a miss, never a wrong answer;
 only for requests decoded from JSON, whose values JSON text renders faithfully).
@@ -20,12 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic_core import PydanticSerializationError, to_json
 
 from worker.engine.bill import Bill
 from worker.engine.request import Turn
+
+if TYPE_CHECKING:
+    from worker.engine.result import Message
 
 
 @dataclass(slots=True, eq=False)
@@ -36,6 +42,20 @@ class Remembered:
     shape: str | None
     """The provider shape its fields name (None: valid in both), see `native._shape`."""
     sdk: dict[str, Any] | None = None
+    bills: dict[str, Bill] = field(default_factory=dict)
+    message: Message | None = None
+    """Its SDK form as the result's model (frozen: every result that sends it shares it)."""
+
+
+@dataclass(slots=True, eq=False)
+class KnownTools:
+    """A request's tool definitions and tool_choice: parsed and checked, their SDK forms,
+    their bill per target model."""
+
+    parsed: Any
+    choice: Any
+    sdk: list[dict[str, Any]] | None = None
+    choice_sdk: Any = None
     bills: dict[str, Bill] = field(default_factory=dict)
 
 
@@ -51,7 +71,7 @@ class MessageMemo:
     True
     """
 
-    __slots__ = ("_half", "_held", "_old", "_young", "hits", "misses")
+    __slots__ = ("_half", "_held", "_old", "_tools", "_tools_held", "_young", "hits", "misses")
 
     def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
         self._young: dict[Hashable, Remembered] = {}
@@ -59,6 +79,8 @@ class MessageMemo:
         self._held = 0
         """Size of the young generation's messages."""
         self._half = max(0, max_bytes // 2)
+        self._tools: dict[bytes, KnownTools] = {}
+        self._tools_held = 0
         self.hits = 0
         self.misses = 0
 
@@ -98,8 +120,35 @@ class MessageMemo:
                 self._held = size
         young[key] = item
 
+    @staticmethod
+    def tools_key(tools: Any, choice: Any) -> bytes | None:
+        """The content key of a request's tools and tool_choice (None: not JSON)."""
+        try:
+            return to_json([tools, choice])
+        except (PydanticSerializationError, ValueError):
+            return None
+
+    def tools(self, key: bytes | None) -> KnownTools | None:
+        return None if key is None else self._tools.get(key)
+
+    def put_tools(self, key: bytes | None, known: KnownTools) -> None:
+        """At most `MAX_TOOL_SETS` sets and half of `max_bytes` of their JSON text (a
+        pipeline sends one set or a few); past either, the sets kept start again empty."""
+        if key is None:
+            return
+        size = len(key)
+        if size > self._half:
+            return
+        if len(self._tools) >= MAX_TOOL_SETS or self._tools_held + size > self._half:
+            self._tools, self._tools_held = {}, 0
+        self._tools[key] = known
+        self._tools_held += size
+
     def __len__(self) -> int:
         return len(self._young) + len(self._old)
+
+
+MAX_TOOL_SETS = 256
 
 
 def _size(key: Hashable) -> int:

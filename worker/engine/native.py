@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from worker.catalog import Provider
-from worker.engine.memo import MessageMemo, Remembered
+from worker.engine.memo import KnownTools, MessageMemo, Remembered
 from worker.engine.request import AssemblyRequest, Turn
 from worker.errors import InvalidRequest, RequestTooLarge
 from worker.providers import anthropic as an
@@ -50,6 +50,8 @@ class Native:
     units: list[Unit]
     remembered: list[Remembered] | None = None
     """Per history message, what `memo` keeps of it (None: no memo, or not a memo's path)."""
+    known_tools: KnownTools | None = None
+    """What `memo` keeps of the tools and tool_choice (None: none sent, or no memo)."""
 
 
 def prepare_native(
@@ -88,8 +90,17 @@ def prepare_native(
         history = theirs
         system = _anthropic_system(system, extra_system)
     query = _query(req.query, provider, req.model, rules, images)
-    tools, choice = _tools(req.tools, req.tool_choice, provider)
-    return Native(history, system, query, tools, choice, units, remembered)
+    known = None
+    if memo is not None and remembered is not None and (req.tools or req.tool_choice):
+        key = memo.tools_key(req.tools, req.tool_choice)
+        known = memo.tools(key)
+        if known is None:
+            known = KnownTools(*_tools(req.tools, req.tool_choice, provider))
+            memo.put_tools(key, known)
+        tools, choice = known.parsed, known.choice
+    else:
+        tools, choice = _tools(req.tools, req.tool_choice, provider)
+    return Native(history, system, query, tools, choice, units, remembered, known)
 
 
 _OA_TEXTS: TypeAdapter[list[oa.TextPart]] = TypeAdapter(list[oa.TextPart])

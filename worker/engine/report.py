@@ -10,7 +10,7 @@ from pydantic import TypeAdapter
 from worker.engine.budget import alert_threshold, system_share
 from worker.engine.caching import annotate
 from worker.engine.costs import Costs
-from worker.engine.layout import Payload
+from worker.engine.layout import Layout, Payload
 from worker.engine.plan import Plan
 from worker.engine.prepared import Prepared
 from worker.engine.request import AssemblyRequest, Turn
@@ -51,7 +51,7 @@ def build_result(
         messages = list(layout.plain_messages(plan, units))
     else:
         payload = layout.render(plan, units)
-        messages = list(_MESSAGES.validate_python(payload.messages))
+        messages = _result_messages(layout, plan, payload)
     turn_ids = layout.turn_indices(plan.history_kept)
     if len(turn_ids) == len(costs.content):  # the whole history is kept
         history, turn_framing = sum(costs.content), sum(costs.msg_framing)
@@ -116,6 +116,27 @@ def build_result(
     result.alerts.extend(request_alerts(p, usage, dropped, plan))
     annotate(p, plan, costs, result)  # post-render: cost and provider prompt-cache facts
     return result
+
+
+def _result_messages(layout: Layout, plan: Plan, payload: Payload) -> list[Message | Turn]:
+    """The payload's messages as result models. A remembered history message (OpenAI, see
+    `engine.memo`) has its model made once and shared, as it is frozen: a conversation's
+    resent history is not validated again on every turn. The rest in one call."""
+    sent = payload.messages
+    if not layout.remembered or layout.provider != "openai":
+        return list(_MESSAGES.validate_python(sent))
+    kept = layout.kept_indices(plan.history_kept)
+    head = len(sent) - len(kept) - 1  # the system message (or none) before the history
+    ends = _MESSAGES.validate_python([*sent[:head], sent[-1]])
+    out: list[Message | Turn] = list(ends[:head])
+    for i, message in zip(kept, sent[head:-1], strict=True):
+        item = layout.remembered[i]
+        model = item.message
+        if model is None:
+            model = item.message = Message.model_validate(message)
+        out.append(model)
+    out.append(ends[-1])
+    return out
 
 
 def _dropped(p: Prepared, plan: Plan, costs: Costs) -> list[DroppedItem]:
