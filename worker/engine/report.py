@@ -5,6 +5,8 @@ Shared by every provider path, so a result means the same whatever counted it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import TypeAdapter
 
 from worker.engine.budget import alert_threshold, system_share
@@ -26,6 +28,7 @@ from worker.engine.result import (
 )
 from worker.errors import TokenheapError
 
+_DROPPED = TypeAdapter(list[DroppedItem])
 _MESSAGES = TypeAdapter(list[Message])
 """Rendered messages as result models: one validation call for the list costs a third of
 building each with `model_construct` (Python-level, per field)."""
@@ -140,40 +143,49 @@ def _result_messages(layout: Layout, plan: Plan, payload: Payload) -> list[Messa
 
 
 def _dropped(p: Prepared, plan: Plan, costs: Costs) -> list[DroppedItem]:
+    """The drop manifest, validated in one call: a long conversation drops dozens of
+    messages a request, and one call costs two thirds of building each model alone."""
     layout, req = p.layout, p.req
-    out: list[DroppedItem] = []
+    out: list[dict[str, Any]] = []
     for d in plan.dropped:
         if d.slot == "history":
             group = layout.groups[d.index]
-            unit = layout.exchange_of(group)
+            # without pinned exchanges, the droppable ones are all of them, in order
+            unit = layout.exchange_of(group) if layout.pinned else d.index
+            reason = d.reason.value
             for i in group:
+                tokens = costs.content[i] + costs.turn_framing(layout, i)
                 out.append(
-                    DroppedItem(
-                        slot="history",
-                        index=i,
-                        unit=unit,
-                        tokens=costs.content[i] + costs.turn_framing(layout, i),
-                        reason=d.reason.value,
-                    )
+                    {
+                        "slot": "history",
+                        "index": i,
+                        "unit": unit,
+                        "tokens": tokens,
+                        "reason": reason,
+                    }
                 )
         else:
             out.append(
-                DroppedItem(
-                    slot="context",
-                    id=req.chunks[d.index].id,
-                    index=d.index,
-                    tokens=d.tokens,
-                    reason=d.reason.value,
-                )
+                {
+                    "slot": "context",
+                    "id": req.chunks[d.index].id,
+                    "index": d.index,
+                    "tokens": d.tokens,
+                    "reason": d.reason.value,
+                }
             )
     for i, why in enumerate(layout.excluded):
         if why is not None:
             out.append(
-                DroppedItem(
-                    slot="context", id=req.chunks[i].id, index=i, tokens=costs.chunk[i], reason=why
-                )
+                {
+                    "slot": "context",
+                    "id": req.chunks[i].id,
+                    "index": i,
+                    "tokens": costs.chunk[i],
+                    "reason": why,
+                }
             )
-    return out
+    return _DROPPED.validate_python(out) if out else []
 
 
 def request_alerts(
