@@ -6,10 +6,12 @@
 Every contender is a fresh process reading the same file; rounds interleave the contenders
 so a noisy neighbour slows them alike. Figures are medians; ratios are what to quote.
 
-The start-up rows time `python -c pass` and `tokenheap fit` on a file of one request (the
-reuse file's first). `--other-tree` adds that tree's `tokenheap fit` (another checkout, e.g.
-`git worktree add --detach /tmp/base <commit>`) on the one-request, reuse and agent files, run
-from its own folder, so a change is measured against its base in the same run. Bytecode
+The start-up rows time `python -c pass`, `tokenheap fit` on a file of one request (the
+reuse file's first) and tiktoken alone counting that request's texts (the floor of an exact
+count with tiktoken: its import, and building o200k_base from the shipped ranks).
+`--other-tree` adds that tree's `tokenheap fit` (another checkout, e.g. `git worktree add
+--detach /tmp/base <commit>`) on the one-request, reuse and agent files, run from its own
+folder, so a change is measured against its base in the same run. Bytecode
 is compiled first for every tree run, as an installed package has it (this environment
 sets PYTHONDONTWRITEBYTECODE, which would otherwise recompile tokenheap in every process).
 """
@@ -42,6 +44,11 @@ def contenders(
     rows: dict[str, tuple[list[str], Path]] = {
         "python -c pass (start-up)": ([PY, "-c", "pass"], one),
         "tokenheap fit, 1 request (start-up)": ([*fit, str(one)], one),
+        # the floor of any exact count with tiktoken: import it, build o200k_base, count
+        "tiktoken counting the same text alone, 1 request (start-up)": (
+            [*base, "tiktoken", str(one)],
+            one,
+        ),
         "tokenheap fit (reuse)": ([*fit, str(reuse)], reuse),
         "I/O floor: json.loads + json.dumps per line (reuse)": (
             [*base, "io-floor", str(reuse)],
@@ -116,6 +123,8 @@ def main() -> None:
     interp = med["python -c pass (start-up)"]
     floor = med["I/O floor: json.loads + json.dumps per line (reuse)"]
     print(f"\nstart-up above the interpreter: {ref['start-up'] - interp:.3f} s (target <= 0.3 s)")
+    alone = med["tiktoken counting the same text alone, 1 request (start-up)"] - interp
+    print(f"  tiktoken alone (building o200k_base, counting the request): {alone:.3f} s")
     if other is not None:
         theirs = med["other tree: tokenheap fit, 1 request (start-up)"] - interp
         print(f"  other tree: {theirs:.3f} s")
