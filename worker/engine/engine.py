@@ -77,9 +77,10 @@ class Engine:
     """Claude tokenizer families, or the models.yaml to read them from on the first Claude
     request (None: the default models.yaml)."""
     memo: MessageMemo | None = field(default_factory=MessageMemo)
-    """Native messages' parsing, SDK form and bill, remembered across requests (None: off).
-    A result's messages then share their parts with later results: treat them as read-only
-    (the message models are frozen; copy a part before changing it)."""
+    """Native messages' parsing, SDK form and bill, and tool definitions', remembered across
+    requests (None: off). A result's messages and tools then share their parts with later
+    results: treat them as read-only (the message models are frozen; copy a part before
+    changing it)."""
     _local: dict[str, LocalCounter] = field(default_factory=dict)
     _claude: fit_api.ClaudeCounter | None = None
     _runner: asyncio.Runner | None = None
