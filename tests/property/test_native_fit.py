@@ -394,8 +394,11 @@ def _comparable(result: FitResult) -> dict[str, Any]:
     cut=st.integers(0, 12),
     window=st.integers(60, 3000),
     tools=st.none() | _tools | st.lists(st.just({"name": "f", "input_schema": {}}), max_size=2),
-    choice=st.none() | st.sampled_from(["auto", "required", "none", "bogus"]),
+    choice=st.none()
+    | st.sampled_from(["auto", "required", "none", "bogus"])
+    | st.just({"type": "function", "function": {"name": "f"}}),
     models=st.lists(st.sampled_from(["gpt-4o", "gpt-4", "gpt-4.1"]), min_size=1, max_size=2),
+    system=st.sampled_from(["Be brief.", ""]),
 )
 def test_a_remembered_message_fits_as_a_new_one(
     remembering: Any,
@@ -403,8 +406,9 @@ def test_a_remembered_message_fits_as_a_new_one(
     cut: int,
     window: int,
     tools: list[dict[str, Any]] | None,
-    choice: str | None,
+    choice: str | dict[str, Any] | None,
     models: list[str],
+    system: str,
 ) -> None:
     """The same conversation a turn earlier and now (and random, often invalid, messages and
     tool definitions), decoded from JSON: the engine that remembers messages and tool sets
@@ -421,7 +425,7 @@ def test_a_remembered_message_fits_as_a_new_one(
         doc = {
             "request_id": "m",
             "model": model,
-            "system": "Be brief.",
+            "system": system,
             "history": part,
             "query": "And now?",
             "tools": tools,

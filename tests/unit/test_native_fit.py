@@ -160,6 +160,54 @@ def test_tool_units_and_pins_survive_tight_budgets(
         assert {3, 4, 5, 6} <= {i for ix in by_unit.values() for i in ix}  # ...with its results
 
 
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_dropped_message_names_its_exchange_among_all_of_them(
+    make_engine: Callable[[], Engine], native: bool, pinned: bool
+) -> None:
+    """`unit` is the exchange's position among every exchange of the history, pinned ones
+    included: with the first exchange pinned, the first one dropped is exchange 1."""
+    words = [
+        "tokens",
+        "budget",
+        "window",
+        "context",
+        "slot",
+        "history",
+        "chunk",
+        "query",
+        "reserve",
+    ]
+
+    def turn(role: str, k: int) -> dict[str, Any]:
+        text = " ".join(words[(k + j) % len(words)] for j in range(60))
+        content: Any = [{"type": "text", "text": text}] if native else text
+        return {"role": role, "content": content}
+
+    history = [turn(role, 2 * e + (role == "assistant")) for e in range(5)
+               for role in ("user", "assistant")]  # fmt: skip
+    if pinned:
+        history[0]["pin"] = True
+    doc = {
+        "request_id": "units",
+        "model": "gpt-4o",
+        "system": "Be brief.",
+        "history": history,
+        "query": "And now?",
+        "budget": {"max_context_tokens": 420, "output_reserve": 16, "stable_history": False},
+    }
+    result = _fit(make_engine(), doc)
+    assert result.status == "ok", result.error
+    dropped = [d for d in result.dropped if d.slot == "history"]
+    assert dropped, "the window is meant to drop some history"
+    for d in dropped:
+        assert d.index is not None
+        exchange = sum(1 for m in history[: d.index + 1] if m["role"] == "user") - 1
+        assert d.unit == exchange, (d.index, d.unit)
+    if pinned:
+        assert 0 not in {d.index for d in dropped}, "the pinned exchange is kept"
+
+
 def test_image_worked_example_in_the_query(make_engine: Callable[[], Engine]) -> None:
     # OpenAI vision guide: gpt-4o, 1024x1024, detail high = 765 tokens.
     url = "data:image/png;base64," + _png(1024, 1024)
