@@ -14,9 +14,11 @@ way, by their JSON text: parsed, checked, dumped and billed once.
 A message is keyed by its content: a plain turn by its fields, a native message by its
 JSON text (key order included: a reordered message is only a miss, never a wrong answer;
 only for requests decoded from JSON, whose values JSON text renders faithfully).
-The remembered parts are shared between requests, so nothing downstream may change them:
-the models are frozen, and the tests fit the same requests with and without a memo and
-compare. Bounded in bytes, in two generations like the count cache's text tier.
+The remembered parts are shared between requests, and with the results that send them, so
+nothing downstream may change them: the models are frozen (their content lists and dicts
+are not: a result is read-only, see `Engine.memo`), and the tests fit the same requests
+with and without a memo and compare. Bounded by the size of what is remembered, in two
+generations like the count cache's text tier.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ class MessageMemo:
     """Content key -> `Remembered`, for the OpenAI-shaped histories of OpenAI requests.
 
     Bounded by the size of the messages it holds (their JSON text, or a plain turn's
-    content), `max_bytes` in all: the parsed models and SDK forms share their strings.
+    content): `max_bytes` in all, two generations of half each. The parsed models, SDK
+    forms and result models share their strings; their containers are not counted. Tool
+    sets are bounded apart, by their JSON text too (`put_tools`).
 
     >>> memo = MessageMemo(max_bytes=1_000)
     >>> key = memo.key({"role": "user", "content": "hi"})
@@ -132,8 +136,10 @@ class MessageMemo:
         return None if key is None else self._tools.get(key)
 
     def put_tools(self, key: bytes | None, known: KnownTools) -> None:
-        """At most `MAX_TOOL_SETS` sets and half of `max_bytes` of their JSON text (a
-        pipeline sends one set or a few); past either, the sets kept start again empty."""
+        """At most `MAX_TOOL_SETS` sets and half of `max_bytes` of their JSON text, beside
+        the messages' `max_bytes` (a pipeline sends one set or a few); past either, the
+        sets kept start again empty. Their parsed models, SDK forms and bills (about as big
+        again) are not counted."""
         if key is None:
             return
         size = len(key)
