@@ -232,20 +232,19 @@ def build_layout(
         query_text, query_unit = req.query, tpl.query_template.format(query=req.query)
     else:
         query_bill = bill_of(_QueryMessage(native.query))
-    known = native.known_tools
-    if known is None:
+    known = native.known_tools  # remembered: dumped once, billed once per model
+    if known is not None and known.bills:
+        tools_sdk, choice_sdk = known.sdk, known.choice_sdk
+    else:
         tools_sdk = [t.sdk() for t in native.tools] if native.tools is not None else None
         choice_sdk = _dump(native.tool_choice)
+        if known is not None:
+            known.sdk, known.choice_sdk = tools_sdk, choice_sdk
+    tb = known.bills.get(model) if known is not None else None
+    if tb is None:
         tb = tools_bill(provider, tools_sdk, choice_sdk, model, encoding, rules)
-    else:  # remembered: dumped once, billed once per model
-        if known.bills == {}:
-            known.sdk = [t.sdk() for t in known.parsed] if known.parsed is not None else None
-            known.choice_sdk = _dump(known.choice)
-        tools_sdk, choice_sdk = known.sdk, known.choice_sdk
-        tb = known.bills.get(model) or tools_bill(
-            provider, tools_sdk, choice_sdk, model, encoding, rules
-        )
-        known.bills[model] = tb
+        if known is not None:
+            known.bills[model] = tb
     reasons = sorted({r for b in (system_bill, *bills, query_bill, tb) for r in b.inexact})
     return Layout(
         system=system_text,
