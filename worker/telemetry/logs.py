@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
@@ -304,10 +305,8 @@ def _write_direct(
     then goes the standard way, whose `handleError` reports it)."""
     formatter = handler.formatter
     assert isinstance(formatter, JsonFormatter)
-    lock = handler.lock
-    if lock is not None:  # held from the timestamp on, as `Handler.handle` holds it to format
-        lock.acquire()
-    try:
+    # held from the timestamp on, as `Handler.handle` holds it to format
+    with handler.lock or nullcontext():
         doc = formatter.head(time.time(), "INFO", name, message, _current_ids())
         doc.update(fields)
         for f in handler.filters:
@@ -328,7 +327,4 @@ def _write_direct(
             raise
         except Exception:  # written, not flushed: reported as `StreamHandler` reports it
             handler.handleError(logging.LogRecord(name, logging.INFO, "", 0, message, (), None))
-    finally:
-        if lock is not None:
-            lock.release()
     return True
